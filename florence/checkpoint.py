@@ -1,0 +1,97 @@
+"""Safetensors weights with the model config inside, and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = "1"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Save ``model``'s weights as safetensors, with its name and config in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format_version": FORMAT_VERSION}
+    if hasattr(model, "model_name"):
+        metadata["model_name"] = model.model_name
+        metadata["model_config"] = json.dumps(model.model_config)
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = _weights_path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = False) -> tuple[list[str], list[str]]:
+    """Load safetensors weights into ``model``; log and return (missing, unexpected) keys.
+
+    With ``strict=True`` any missing or unexpected key raises instead.
+    """
+    path = _weights_path(path)
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for name in handle.keys():
+            state[name] = handle.get_tensor(name)
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing:
+        _logger.warning("%s: %d missing keys: %s", path, len(missing), ", ".join(missing[:20]))
+    if unexpected:
+        _logger.warning("%s: %d unexpected keys: %s", path, len(unexpected), ", ".join(unexpected[:20]))
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
+    return missing, unexpected
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None, **overrides: Any) -> torch.nn.Module:
+    """Build the model described by a checkpoint's metadata and load its weights."""
+    from florence.models import create_model
+
+    metadata = read_metadata(path)
+    if "model_name" not in metadata:
+        raise ValueError(
+            f"{_weights_path(path)} has no model_name in its metadata; build the model with "
+            "florence.create_model(name) and load it with florence.checkpoint.load_weights"
+        )
+    config = json.loads(metadata["model_config"])
+    model = create_model(metadata["model_name"], device=device, **{**config, **overrides})
+    load_weights(model, path)
+    return model
+
+
+def _weights_path(path: str | Path) -> Path:
+    """Accept a safetensors file or a checkpoint folder that contains one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; pass a {WEIGHTS_NAME} file or a folder containing one")
+    return path
