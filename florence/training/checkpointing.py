@@ -1,0 +1,116 @@
+"""Training checkpoints: weights, optimizer, step, RNG and data position, written atomically.
+
+Layout under ``output_dir/checkpoints``::
+
+    step_0000100/model.safetensors    weights with the model config in the metadata
+    step_0000100/trainer_state.pt     optimizer, step, data position, RNG states, config
+    latest                            name of the newest complete checkpoint folder
+
+A checkpoint folder is written under a temporary name and renamed when complete, and
+``latest`` is replaced atomically after that, so an interrupted write never leaves ``latest``
+pointing at a partial checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from florence.checkpoint import WEIGHTS_NAME, atomic_write_bytes, load_weights, save_weights
+
+_logger = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.pt"
+
+
+@dataclass
+class TrainingState:
+    step: int
+    epoch: int
+    batch_in_epoch: int
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_training_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainingState,
+    config: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write a complete checkpoint for ``state.step`` and prune all but the ``keep`` newest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step_{state.step:07d}"
+    final = directory / name
+    tmp = directory / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    save_weights(model, tmp / WEIGHTS_NAME)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "rng": rng_state(),
+            "config": config,
+        },
+        tmp / STATE_NAME,
+    )
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    atomic_write_bytes(directory / "latest", name.encode())
+    _logger.info("saved checkpoint %s", final)
+
+    _prune(directory, keep)
+    return final
+
+
+def _prune(directory: Path, keep: int) -> None:
+    folders = sorted(p for p in directory.glob("step_*") if p.is_dir())
+    for old in folders[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """Return the newest complete checkpoint folder, or None when there is none."""
+    pointer = directory / "latest"
+    if not pointer.is_file():
+        return None
+    path = directory / pointer.read_text().strip()
+    if not (path / STATE_NAME).is_file():
+        _logger.warning("%s names %s, which is incomplete; ignoring it", pointer, path)
+        return None
+    return path
+
+
+def load_training_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> TrainingState:
+    """Restore weights, optimizer and RNG state in place; return the position to continue from."""
+    load_weights(model, path / WEIGHTS_NAME, strict=True)
+    state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    _logger.info("resumed from %s at step %d", path, state["step"])
+    return TrainingState(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"])

@@ -1,0 +1,75 @@
+"""Build the training dataset from the ``data`` section of a config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from florence.config import SourceConfig, TrainConfig
+from florence.data.dataset import ImageTextDataset, RetrievalDataset, collate_image_text
+from florence.data.sources import CaptionSource, ClassificationSource, CocoCaptionSource, ImageTextSource
+from florence.data.templates import TRAIN_TEMPLATES
+from florence.data.transforms import build_train_transform
+
+_logger = logging.getLogger(__name__)
+
+collate_train_batch = collate_image_text
+
+TEMPLATE_SETS = {"train": TRAIN_TEMPLATES, "none": None}
+
+
+def _existing(path: str | None, what: str, source: SourceConfig) -> Path:
+    if not path:
+        raise ValueError(f"data.train source of type {source.type!r} needs {what}")
+    resolved = Path(path)
+    if not resolved.exists():
+        raise FileNotFoundError(
+            f"{what}={path!r} of a {source.type!r} training source does not exist "
+            f"(relative paths are resolved from {Path.cwd()}); fix the path or run from the repository root"
+        )
+    return resolved
+
+
+def split_retrieval(dataset: RetrievalDataset, split: str | None, sizes: list[int], seed: int) -> RetrievalDataset:
+    """Keep the ``train`` or ``test`` part of a seeded image split, or everything without a split."""
+    if split is None:
+        return dataset
+    if split not in ("train", "test") or len(sizes) != 2:
+        raise ValueError(f"split={split!r} with split_sizes={sizes} is invalid; use split: train|test and split_sizes: [n_train, n_test]")
+    train, test = dataset.split_images(sizes[0], sizes[1], seed=seed)
+    return train if split == "train" else test
+
+
+def build_source(source: SourceConfig) -> ImageTextSource:
+    """Turn one ``data.train`` entry into an image-text-label source."""
+    if source.type == "classification":
+        if source.templates not in TEMPLATE_SETS:
+            raise ValueError(f"templates={source.templates!r} is invalid; use one of {', '.join(TEMPLATE_SETS)}")
+        location = source.root or source.path
+        if source.archive is None:
+            _existing(location, "root (or path)", source)
+        return ClassificationSource(
+            location,
+            templates=TEMPLATE_SETS[source.templates],
+            archive=str(_existing(source.archive, "archive", source)) if source.archive else None,
+            classes_file=source.classes_file,
+        )
+
+    path = _existing(source.path, "path", source)
+    if source.split is None:
+        if source.type == "coco":
+            return CocoCaptionSource(path, image_root=source.image_root)
+        return CaptionSource(path, image_root=source.image_root)
+
+    # NOTE: a split source labels each caption by its text hash; a label column is not read.
+    dataset = RetrievalDataset(path, image_root=source.image_root)
+    dataset = split_retrieval(dataset, source.split, source.split_sizes, source.split_seed)
+    return dataset.to_source()
+
+
+def build_train_dataset(config: TrainConfig) -> ImageTextDataset:
+    sources = [build_source(source) for source in config.data.train]
+    for entry, source in zip(config.data.train, sources):
+        _logger.info("training source %s %s: %d samples", entry.type, entry.root or entry.path, len(source))
+    transform = build_train_transform(config.data.image_size, scale=config.data.crop_scale)
+    return ImageTextDataset(sources, transform, strict=config.data.strict, seed=config.seed)

@@ -1,0 +1,242 @@
+"""The UniCL training loop: one process, CPU or one GPU."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from florence.config import TrainConfig, to_dict
+from florence.checkpoint import save_weights
+from florence.models import count_parameters, create_model
+from florence.tokenizer import get_tokenizer
+from florence.training.checkpointing import (
+    TrainingState,
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from florence.training.data import build_train_dataset, collate_train_batch
+from florence.training.loss import unicl_loss
+from florence.training.metrics import MetricsWriter
+from florence.training.optim import cosine_lr, param_groups
+from florence.training.sampler import ResumableBatchSampler, SeededSampleDataset
+
+_logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def deduplicate_texts(texts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Return the unique texts and, per input text, the index of its unique copy.
+
+    Identical texts have identical embeddings, so the text tower runs once per unique text and
+    the features are gathered back; gradients flowing through the gather add up per copy, which
+    is exactly the gradient of running every copy.
+    """
+    position: dict[str, int] = {}
+    inverse = [position.setdefault(text, len(position)) for text in texts]
+    return list(position), torch.tensor(inverse, dtype=torch.long)
+
+
+class Trainer:
+    """Train a Florence model with the UniCL loss as ``config`` describes."""
+
+    def __init__(self, config: TrainConfig, device: str | torch.device | None = None) -> None:
+        self.config = config
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.output_dir = Path(config.output_dir)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        seed_everything(config.seed)
+
+        self.tokenizer = get_tokenizer()
+        self.model = create_model(config.model, **config.model_overrides).to(self.device)
+        self.model.set_grad_checkpointing(config.grad_checkpointing)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.optim.weight_decay),
+            lr=config.optim.lr,
+            betas=config.optim.betas,
+            eps=config.optim.eps,
+        )
+        self.dataset = build_train_dataset(config)
+        self.state = TrainingState(step=0, epoch=0, batch_in_epoch=0)
+        self.skipped_samples = 0
+        _logger.info(
+            "model %s: %.2fM parameters; %d training samples",
+            config.model,
+            count_parameters(self.model) / 1e6,
+            len(self.dataset),
+        )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def maybe_resume(self) -> None:
+        if not self.config.resume:
+            return
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            _logger.info("resume requested but %s has no checkpoint; starting from step 0", self.checkpoint_dir)
+            return
+        self.state = load_training_checkpoint(path, self.model, self.optimizer)
+
+    def _loader(self) -> DataLoader:
+        sampler = ResumableBatchSampler(
+            len(self.dataset),
+            self.config.data.batch_size,
+            seed=self.config.seed,
+            epoch=self.state.epoch,
+            batch_in_epoch=self.state.batch_in_epoch,
+        )
+        return DataLoader(
+            SeededSampleDataset(self.dataset, self.config.seed),
+            batch_sampler=sampler,
+            num_workers=self.config.data.num_workers,
+            collate_fn=collate_train_batch,
+            persistent_workers=False,
+            # A private generator keeps worker seeding from consuming the global RNG stream,
+            # which would make a resumed run diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self, images: torch.Tensor, texts: list[str], labels: torch.Tensor) -> dict[str, float]:
+        """Run forward, backward and one optimizer step; return the step's scalars."""
+        config = self.config
+        lr = cosine_lr(self.state.step, config.steps, config.optim.lr, config.optim.warmup_steps, config.optim.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        unique_texts, inverse = deduplicate_texts(texts)
+        tokens = self.tokenizer(unique_texts).to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+
+        with self._autocast():
+            image_features = self.model.encode_image(images)
+            text_features = self.model.encode_text(tokens)[inverse.to(self.device)]
+        logit_scale = self.model.logit_scale.exp().clamp(max=100.0)
+        loss = unicl_loss(image_features, text_features, labels, logit_scale)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
+        self.optimizer.step()
+        self.model.clamp_logit_scale()
+        return {
+            "loss": loss.item(),
+            "lr": lr,
+            "logit_scale": self.model.logit_scale.exp().item(),
+            "grad_norm": float(grad_norm),
+        }
+
+    def save_checkpoint(self) -> None:
+        save_training_checkpoint(
+            self.checkpoint_dir,
+            self.model,
+            self.optimizer,
+            self.state,
+            to_dict(self.config),
+            keep=self.config.keep_checkpoints,
+        )
+
+    def fit(self, evaluate=None, stop_after: int | None = None) -> dict[str, Any]:
+        """Train until ``config.steps`` (or ``max_seconds``); return the final metrics.
+
+        ``evaluate(model, step) -> dict`` runs every ``eval.every`` steps and at the end.
+        ``stop_after`` ends the run at that step as an interruption would, after a checkpoint;
+        the learning-rate schedule still spans ``config.steps``.
+        """
+        config = self.config
+        end_step = min(config.steps, stop_after) if stop_after is not None else config.steps
+        self.maybe_resume()
+        metrics = MetricsWriter(self.output_dir)
+        self.model.train()
+        start = time.perf_counter()
+        window_start, window_images = start, 0
+        progress = tqdm(total=config.steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
+        stopped_by_time = False
+        last: dict[str, Any] = {}
+
+        try:
+            while self.state.step < end_step and not stopped_by_time:
+                for images, texts, labels, skipped in self._loader():
+                    self.skipped_samples += skipped
+                    values = self.train_step(images, texts, labels)
+                    self.state.step += 1
+                    self.state.batch_in_epoch += 1
+                    window_images += images.shape[0]
+                    last = values
+
+                    if self.state.step % config.log_every == 0 or self.state.step == config.steps:
+                        now = time.perf_counter()
+                        values["images_per_second"] = window_images / max(now - window_start, 1e-9)
+                        values["skipped_samples"] = self.skipped_samples
+                        window_start, window_images = now, 0
+                        metrics.write(self.state.step, values)
+                        progress.set_postfix(
+                            {
+                                "img/s": f"{values['images_per_second']:.0f}",
+                                "loss": f"{values['loss']:.3f}",
+                                "lr": f"{values['lr']:.2e}",
+                                "scale": f"{values['logit_scale']:.1f}",
+                            }
+                        )
+                    progress.update(1)
+
+                    if not math.isfinite(values["loss"]):
+                        raise FloatingPointError(
+                            f"loss is {values['loss']} at step {self.state.step}; lower optim.lr or use precision=fp32"
+                        )
+                    if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if evaluate and config.eval.every and self.state.step % config.eval.every == 0:
+                        metrics.write(self.state.step, evaluate(self.model, self.state.step))
+                        self.model.train()
+                    if self.state.step >= end_step:
+                        break
+                    if config.max_seconds and time.perf_counter() - start > config.max_seconds:
+                        _logger.info("stopping at step %d: max_seconds=%s reached", self.state.step, config.max_seconds)
+                        stopped_by_time = True
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+        finally:
+            progress.close()
+
+        train_seconds = time.perf_counter() - start
+        self.save_checkpoint()
+        save_weights(self.model, self.output_dir / "model.safetensors")
+        results: dict[str, Any] = {
+            "step": self.state.step,
+            "train_seconds": train_seconds,
+            "final_loss": last.get("loss"),
+            "skipped_samples": self.skipped_samples,
+        }
+        if evaluate:
+            results.update(evaluate(self.model, self.state.step))
+        metrics.write(self.state.step, results)
+        metrics.close()
+        if self.skipped_samples:
+            _logger.warning("%d unreadable samples were skipped (see warnings above for paths)", self.skipped_samples)
+        return results
