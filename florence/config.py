@@ -7,6 +7,7 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,23 @@ def apply_override(values: dict[str, Any], override: str) -> None:
         node[last] = parsed
 
 
+SHARED_DATA_VARIABLE = "FLORENCE_SHARED_DATA"
+DEFAULT_SHARED_DATA = "../shared/data"
+
+
+def expand_variables(value: Any) -> Any:
+    """Expand ``$VARIABLE`` in every string; ``$FLORENCE_SHARED_DATA`` defaults to ../shared/data."""
+    if isinstance(value, dict):
+        return {key: expand_variables(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_variables(item) for item in value]
+    if isinstance(value, str) and "$" in value:
+        shared = os.environ.get(SHARED_DATA_VARIABLE, DEFAULT_SHARED_DATA)
+        value = value.replace("${" + SHARED_DATA_VARIABLE + "}", shared).replace("$" + SHARED_DATA_VARIABLE, shared)
+        return os.path.expandvars(value)
+    return value
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a YAML training config, apply ``key=value`` overrides and validate the result."""
     values: dict[str, Any] = {}
@@ -218,6 +236,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ValueError(f"{path} must contain a mapping of config keys, got {type(values).__name__}")
     for override in overrides or []:
         apply_override(values, override)
-    config = from_dict(TrainConfig, values)
+    config = from_dict(TrainConfig, expand_variables(values))
     config.validate()
     return config
