@@ -60,11 +60,11 @@ def _section_span(lines: list[str], heading: str) -> tuple[int, int] | None:
     return (start, len(lines)) if start is not None else None
 
 
-def update_section(path: Path, title: str, body: str) -> None:
+def update_section(path: Path, title: str, body: str, header: str = DOCS_HEADER) -> None:
     """Write ``body`` under the heading ``## {title}`` in the Markdown file ``path``.
 
     An existing section of that title is replaced and every other part of the file is kept.
-    A missing section is appended, and a missing file is created with a short header. The new
+    A missing section is appended, and a missing file is created with ``header``. The new
     file is written to a temporary file and moved into place with ``os.replace``, so readers
     never see a half-written file.
 
@@ -74,7 +74,7 @@ def update_section(path: Path, title: str, body: str) -> None:
     heading = f"## {title}"
     section = [heading, "", *body.strip("\n").split("\n"), ""]
 
-    text = path.read_text(encoding="utf-8") if path.is_file() else DOCS_HEADER
+    text = path.read_text(encoding="utf-8") if path.is_file() else header
     lines = text.split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
