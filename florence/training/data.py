@@ -9,7 +9,7 @@ from florence.config import SourceConfig, TrainConfig
 from florence.data.dataset import ImageTextDataset, RetrievalDataset, collate_image_text
 from florence.data.sources import CaptionSource, ClassificationSource, CocoCaptionSource, ImageTextSource
 from florence.data.templates import TRAIN_TEMPLATES
-from florence.data.transforms import build_train_transform
+from florence.data.transforms import RandomResizedCropFlip
 
 _logger = logging.getLogger(__name__)
 
@@ -71,5 +71,7 @@ def build_train_dataset(config: TrainConfig) -> ImageTextDataset:
     sources = [build_source(source) for source in config.data.train]
     for entry, source in zip(config.data.train, sources):
         _logger.info("training source %s %s: %d samples", entry.type, entry.root or entry.path, len(source))
-    transform = build_train_transform(config.data.image_size, scale=config.data.crop_scale)
+    # Samples stay uint8 until the trainer normalises the whole batch (normalize_batch),
+    # which keeps per-sample loading cheap.
+    transform = RandomResizedCropFlip(config.data.image_size, scale=config.data.crop_scale)
     return ImageTextDataset(sources, transform, strict=config.data.strict, seed=config.seed)

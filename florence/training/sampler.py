@@ -10,11 +10,13 @@ from torch.utils.data import Dataset, Sampler
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Yield batches of ``(epoch, index)`` from a fresh permutation each epoch.
+    """Yield batches of ``(epoch, index)`` without end, from a fresh permutation each epoch.
 
     The permutation depends only on ``(seed, epoch)``, so a run restarted at
     ``(epoch, batch_in_epoch)`` sees exactly the batches the uninterrupted run would have seen.
-    The last incomplete batch of an epoch is dropped, as contrastive training usually does.
+    The last incomplete batch of an epoch is dropped, as contrastive training usually does, so
+    every epoch has ``batches_per_epoch`` batches and the position after ``n`` batches is
+    ``position_after(n)``. One endless iterator keeps DataLoader workers alive across epochs.
     """
 
     def __init__(
@@ -48,17 +50,21 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_samples, generator=generator)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        """Iterate over the rest of the current epoch; call again for the next one."""
-        order = self.permutation(self.epoch)
-        global_batch = self.batch_size * self.world_size
-        for batch in range(self.batch_in_epoch, self.batches_per_epoch):
-            start = batch * global_batch + self.rank * self.batch_size
-            indices = order[start : start + self.batch_size].tolist()
-            yield [(self.epoch, index) for index in indices]
+    def position_after(self, batches: int) -> tuple[int, int]:
+        """Return (epoch, batch_in_epoch) after ``batches`` more batches from the start position."""
+        absolute = self.epoch * self.batches_per_epoch + self.batch_in_epoch + batches
+        return divmod(absolute, self.batches_per_epoch)
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.batch_in_epoch
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        global_batch = self.batch_size * self.world_size
+        epoch, first_batch = self.epoch, self.batch_in_epoch
+        while True:
+            order = self.permutation(epoch)
+            for batch in range(first_batch, self.batches_per_epoch):
+                start = batch * global_batch + self.rank * self.batch_size
+                indices = order[start : start + self.batch_size].tolist()
+                yield [(epoch, index) for index in indices]
+            epoch, first_batch = epoch + 1, 0
 
 
 class SeededSampleDataset(Dataset):

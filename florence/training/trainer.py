@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from florence.config import TrainConfig, to_dict
+from florence.data.transforms import normalize_batch
 from florence.checkpoint import save_weights
 from florence.models import count_parameters, create_model
 from florence.tokenizer import get_tokenizer
@@ -95,7 +96,7 @@ class Trainer:
             return
         self.state = load_training_checkpoint(path, self.model, self.optimizer)
 
-    def _loader(self) -> DataLoader:
+    def _loader(self) -> tuple[ResumableBatchSampler, DataLoader]:
         sampler = ResumableBatchSampler(
             len(self.dataset),
             self.config.data.batch_size,
@@ -103,7 +104,7 @@ class Trainer:
             epoch=self.state.epoch,
             batch_in_epoch=self.state.batch_in_epoch,
         )
-        return DataLoader(
+        loader = DataLoader(
             SeededSampleDataset(self.dataset, self.config.seed),
             batch_sampler=sampler,
             num_workers=self.config.data.num_workers,
@@ -113,6 +114,7 @@ class Trainer:
             # which would make a resumed run diverge from an uninterrupted one.
             generator=torch.Generator().manual_seed(self.config.seed),
         )
+        return sampler, loader
 
     def _autocast(self):
         if self.config.precision == "bf16":
@@ -128,7 +130,7 @@ class Trainer:
 
         unique_texts, inverse = deduplicate_texts(texts)
         tokens = self.tokenizer(unique_texts).to(self.device, non_blocking=True)
-        images = images.to(self.device, non_blocking=True)
+        images = normalize_batch(images.to(self.device, non_blocking=True))
         labels = labels.to(self.device, non_blocking=True)
 
         with self._autocast():
@@ -174,55 +176,57 @@ class Trainer:
         start = time.perf_counter()
         window_start, window_images = start, 0
         progress = tqdm(total=config.steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
-        stopped_by_time = False
         last: dict[str, Any] = {}
 
+        sampler, loader = self._loader()
+        batches = iter(loader)
+        consumed = 0
         try:
-            while self.state.step < end_step and not stopped_by_time:
-                for images, texts, labels, skipped in self._loader():
-                    self.skipped_samples += skipped
-                    values = self.train_step(images, texts, labels)
-                    self.state.step += 1
-                    self.state.batch_in_epoch += 1
-                    window_images += images.shape[0]
-                    last = values
+            while self.state.step < end_step:
+                images, texts, labels, skipped = next(batches)
+                consumed += 1
+                self.skipped_samples += skipped
+                if images.shape[0] < 2:
+                    _logger.warning("skipping a batch with %d readable images", images.shape[0])
+                    continue
+                values = self.train_step(images, texts, labels)
+                self.state.step += 1
+                self.state.epoch, self.state.batch_in_epoch = sampler.position_after(consumed)
+                window_images += images.shape[0]
+                last = values
 
-                    if self.state.step % config.log_every == 0 or self.state.step == config.steps:
-                        now = time.perf_counter()
-                        values["images_per_second"] = window_images / max(now - window_start, 1e-9)
-                        values["skipped_samples"] = self.skipped_samples
-                        window_start, window_images = now, 0
-                        metrics.write(self.state.step, values)
-                        progress.set_postfix(
-                            {
-                                "img/s": f"{values['images_per_second']:.0f}",
-                                "loss": f"{values['loss']:.3f}",
-                                "lr": f"{values['lr']:.2e}",
-                                "scale": f"{values['logit_scale']:.1f}",
-                            }
-                        )
-                    progress.update(1)
+                if self.state.step % config.log_every == 0 or self.state.step == end_step:
+                    now = time.perf_counter()
+                    values["images_per_second"] = window_images / max(now - window_start, 1e-9)
+                    values["skipped_samples"] = self.skipped_samples
+                    window_start, window_images = now, 0
+                    metrics.write(self.state.step, values)
+                    progress.set_postfix(
+                        {
+                            "img/s": f"{values['images_per_second']:.0f}",
+                            "loss": f"{values['loss']:.3f}",
+                            "lr": f"{values['lr']:.2e}",
+                            "scale": f"{values['logit_scale']:.1f}",
+                        }
+                    )
+                progress.update(1)
 
-                    if not math.isfinite(values["loss"]):
-                        raise FloatingPointError(
-                            f"loss is {values['loss']} at step {self.state.step}; lower optim.lr or use precision=fp32"
-                        )
-                    if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
-                        self.save_checkpoint()
-                    if evaluate and config.eval.every and self.state.step % config.eval.every == 0:
-                        metrics.write(self.state.step, evaluate(self.model, self.state.step))
-                        self.model.train()
-                    if self.state.step >= end_step:
-                        break
-                    if config.max_seconds and time.perf_counter() - start > config.max_seconds:
-                        _logger.info("stopping at step %d: max_seconds=%s reached", self.state.step, config.max_seconds)
-                        stopped_by_time = True
-                        break
-                else:
-                    self.state.epoch += 1
-                    self.state.batch_in_epoch = 0
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(
+                        f"loss is {values['loss']} at step {self.state.step}; lower optim.lr or use precision=fp32"
+                    )
+                if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if evaluate and config.eval.every and self.state.step % config.eval.every == 0:
+                    metrics.write(self.state.step, evaluate(self.model, self.state.step))
+                    self.model.train()
+                if config.max_seconds and time.perf_counter() - start > config.max_seconds:
+                    _logger.info("stopping at step %d: max_seconds=%s reached", self.state.step, config.max_seconds)
+                    break
         finally:
             progress.close()
+            # Dropping the iterator shuts its DataLoader workers down.
+            batches = None
 
         train_seconds = time.perf_counter() - start
         self.save_checkpoint()
