@@ -15,7 +15,7 @@ _logger = logging.getLogger(__name__)
 
 # Text tower sizes. Florence's published figure is a 12-layer Transformer of 256M parameters;
 # width and heads are not published. Width 1176 with 21 heads of 56 keeps CLIP's MLP ratio 4
-# and gives 257.4M parameters with the 49,408-token embedding (docs/models.md has the sum).
+# and gives 257.5M parameters with the 49,408-token embedding (docs/models.md has the sum).
 _TEXT_FLORENCE = dict(width=1176, layers=12, heads=21)
 _TEXT_CLIP_BASE = dict(width=512, layers=12, heads=8)
 _TEXT_CLIP_LARGE = dict(width=768, layers=12, heads=12)
@@ -28,14 +28,14 @@ def _vision(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    # CPU-sized: 32x32 inputs, a 3x3 stride-1 stem, three stages at 32, 16 and 8 tokens a side.
+    # CPU-sized: 32x32 inputs, a 3x3 stride-2 stem, three stages at 16, 8 and 4 tokens a side.
     "florence-tiny": dict(
         embed_dim=256,
         vision_cfg=dict(
             img_size=32, embed_dim=64, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=8,
             stem_kernel_size=3, stem_stride=2, stem_padding=1, drop_path_rate=0.0,
         ),
-        text_cfg=dict(width=256, layers=4, heads=4, context_length=77),
+        text_cfg=dict(width=128, layers=4, heads=4, context_length=77),
     ),
     "florence-t": dict(embed_dim=512, vision_cfg=_vision("coswin_tiny"), text_cfg=_TEXT_CLIP_BASE),
     "florence-s": dict(embed_dim=512, vision_cfg=_vision("coswin_small"), text_cfg=_TEXT_CLIP_BASE),
