@@ -37,7 +37,7 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--config", help="YAML training config (default: the built-in quickstart config)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-3 steps=200")
-    parser.set_defaults(func=_run_train)
+    parser.set_defaults(func=_run_train, parser=parser)
 
 
 def _add_eval(subparsers) -> None:
@@ -53,7 +53,7 @@ def _add_eval(subparsers) -> None:
     zeroshot.add_argument("--max-images", type=int, help="evaluate only the first N images")
     zeroshot.add_argument("--batch-size", type=int, default=256)
     zeroshot.add_argument("--json", help="also write the metrics to this JSON file")
-    zeroshot.set_defaults(func=_run_eval_zeroshot)
+    zeroshot.set_defaults(func=_run_eval_zeroshot, parser=zeroshot)
 
     retrieval = tasks.add_parser("retrieval", help="image-text retrieval (R@1/5/10 both ways)")
     retrieval.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
@@ -64,7 +64,7 @@ def _add_eval(subparsers) -> None:
     retrieval.add_argument("--split-seed", type=int, default=0, help="seed of the image split (default: 0)")
     retrieval.add_argument("--batch-size", type=int, default=256)
     retrieval.add_argument("--json", help="also write the metrics to this JSON file")
-    retrieval.set_defaults(func=_run_eval_retrieval)
+    retrieval.set_defaults(func=_run_eval_retrieval, parser=retrieval)
 
 
 def _add_classify(subparsers) -> None:
@@ -74,12 +74,12 @@ def _add_classify(subparsers) -> None:
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
     parser.add_argument("--templates", default="heldout", help="template set (heldout, imagenet, simple) or a text file")
     parser.add_argument("--top", type=int, default=5, help="labels to print per image")
-    parser.set_defaults(func=_run_classify)
+    parser.set_defaults(func=_run_classify, parser=parser)
 
 
 def _add_models(subparsers) -> None:
     parser = subparsers.add_parser("models", help="list model names and parameter counts")
-    parser.set_defaults(func=_run_models)
+    parser.set_defaults(func=_run_models, parser=parser)
 
 
 def build_parser() -> ArgumentParser:
@@ -208,7 +208,10 @@ def _run_models(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Report unknown flags from the subcommand's parser so the message lists its options.
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
