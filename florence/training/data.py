@@ -18,13 +18,13 @@ collate_train_batch = collate_image_text
 TEMPLATE_SETS = {"train": TRAIN_TEMPLATES, "none": None}
 
 
-def _existing(path: str | None, what: str, source: SourceConfig) -> Path:
+def _existing(path: str | None, key: str, source: SourceConfig) -> Path:
     if not path:
-        raise ValueError(f"data.train source of type {source.type!r} needs {what}")
+        raise ValueError(f"data.train source of type {source.type!r} needs {key}")
     resolved = Path(path)
     if not resolved.exists():
         raise FileNotFoundError(
-            f"{what}={path!r} of a {source.type!r} training source does not exist "
+            f"{key}={path!r} of a {source.type!r} training source does not exist "
             f"(relative paths are resolved from {Path.cwd()}); fix the path or run from the repository root"
         )
     return resolved

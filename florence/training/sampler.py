@@ -13,7 +13,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yield batches of ``(epoch, index)`` without end, from a fresh permutation each epoch.
 
     The permutation depends only on ``(seed, epoch)``, so a run restarted at
-    ``(epoch, batch_in_epoch)`` sees exactly the batches the uninterrupted run would have seen.
+    ``(epoch, batch_in_epoch)`` gets exactly the batches of the uninterrupted run.
     The last incomplete batch of an epoch is dropped, as contrastive training usually does, so
     every epoch has ``batches_per_epoch`` batches and the position after ``n`` batches is
     ``position_after(n)``. One endless iterator keeps DataLoader workers alive across epochs.

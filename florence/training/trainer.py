@@ -45,8 +45,8 @@ def deduplicate_texts(texts: list[str]) -> tuple[list[str], torch.Tensor]:
     """Return the unique texts and, per input text, the index of its unique copy.
 
     Identical texts have identical embeddings, so the text tower runs once per unique text and
-    the features are gathered back; gradients flowing through the gather add up per copy, which
-    is exactly the gradient of running every copy.
+    the features are gathered back. Gradients through the gather add up over the copies, which
+    equals the gradient of running every copy.
     """
     position: dict[str, int] = {}
     inverse = [position.setdefault(text, len(position)) for text in texts]

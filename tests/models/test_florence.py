@@ -71,7 +71,7 @@ def test_text_trimming_matches_full_context():
     assert torch.allclose(trimmed, full, atol=1e-5)
 
 
-def test_logit_scale_starts_at_clip_value_and_is_capped():
+def test_logit_scale_init_and_cap():
     model = florence.create_model("florence-tiny", **SMALL)
     assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07)
 
