@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from florence.data import build_eval_transform
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART_DIR = REPO_ROOT / "data" / "cifar10_quickstart"
 
@@ -41,3 +43,12 @@ def cifar_dir() -> Path:
 @pytest.fixture(scope="session")
 def quickstart_dir() -> Path:
     return require(QUICKSTART_DIR)
+
+
+IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def transform():
+    """Evaluation transform to 32x32, the size of the CIFAR-10 images used in these tests."""
+    return build_eval_transform(IMAGE_SIZE)

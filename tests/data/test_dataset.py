@@ -13,17 +13,12 @@ from florence.data import (
     CocoCaptionSource,
     ImageLoadError,
     ImageTextDataset,
-    build_eval_transform,
     collate_image_text,
     text_label,
 )
 
+# Must match the size of the ``transform`` fixture in conftest.py.
 IMAGE_SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def transform():
-    return build_eval_transform(IMAGE_SIZE)
 
 
 @pytest.fixture

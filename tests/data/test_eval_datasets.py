@@ -6,16 +6,11 @@ from florence.data import (
     ImageLoadError,
     ImageTextDataset,
     RetrievalDataset,
-    build_eval_transform,
     text_label,
 )
 
+# Must match the size of the ``transform`` fixture in conftest.py.
 IMAGE_SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def transform():
-    return build_eval_transform(IMAGE_SIZE)
 
 
 def test_classification_dataset_quickstart(quickstart_dir, transform):
