@@ -107,6 +107,9 @@ class TrainConfig:
     precision: str = "fp32"
     threads: int = 0
     grad_checkpointing: bool = False
+    # Gradient cache: run each tower on at most this many samples at a time (0: off). The loss
+    # and its gradient still cover the whole batch, and each step costs a second forward pass.
+    grad_cache_chunk: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -120,6 +123,8 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r} is not supported; use fp32 or bf16")
         if self.steps <= 0:
             raise ValueError(f"steps={self.steps} must be positive")
+        if self.grad_cache_chunk < 0:
+            raise ValueError(f"grad_cache_chunk={self.grad_cache_chunk} must be 0 (off) or a positive chunk size")
         if self.data.batch_size <= 1:
             raise ValueError(f"data.batch_size={self.data.batch_size} must be at least 2 for a contrastive loss")
         if not self.data.train:

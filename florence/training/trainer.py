@@ -1,4 +1,4 @@
-"""The UniCL training loop: one process, CPU or one GPU."""
+"""The UniCL training loop: one process, or one process per device when launched by torchrun."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from florence.checkpoint import save_weights
 from florence.config import TrainConfig, to_dict
 from florence.data.transforms import normalize_batch
-from florence.checkpoint import save_weights
 from florence.models import count_parameters, create_model
 from florence.tokenizer import get_tokenizer
 from florence.training.checkpointing import (
@@ -27,6 +28,15 @@ from florence.training.checkpointing import (
     save_training_checkpoint,
 )
 from florence.training.data import build_train_dataset, collate_train_batch
+from florence.training.distributed import (
+    agree_on_stop,
+    average_gradients,
+    broadcast_parameters,
+    global_unicl_loss,
+    init_distributed,
+    smallest_batch_size,
+)
+from florence.training.grad_cache import backward_with_grad_cache
 from florence.training.loss import unicl_loss
 from florence.training.metrics import MetricsWriter
 from florence.training.optim import cosine_lr, param_groups
@@ -58,15 +68,21 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, device: str | torch.device | None = None) -> None:
         self.config = config
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.distributed = init_distributed(device)
+        self.device = self.distributed.device
+        if not self.distributed.is_main_process:
+            # Rank 0 reports progress for the job; the other ranks log only warnings and errors.
+            logging.getLogger("florence").setLevel(logging.WARNING)
         self.output_dir = Path(config.output_dir)
         if config.threads > 0:
             torch.set_num_threads(config.threads)
+        # NOTE: every rank uses the same seed, so the ranks draw the same drop-path masks for their rows.
         seed_everything(config.seed)
 
         self.tokenizer = get_tokenizer()
         self.model = create_model(config.model, **config.model_overrides).to(self.device)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
+        self.ddp = self._wrap_distributed()
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.optim.weight_decay),
             lr=config.optim.lr,
@@ -82,6 +98,20 @@ class Trainer:
             count_parameters(self.model) / 1e6,
             len(self.dataset),
         )
+
+    def _wrap_distributed(self) -> DistributedDataParallel | None:
+        """Wrap the model in DistributedDataParallel in a multi-process run without gradient cache.
+
+        The gradient cache runs several backward passes per step, so there the ranks start from
+        rank 0's weights and the trainer averages gradients itself once per step.
+        """
+        if not self.distributed.is_distributed:
+            return None
+        if self.config.grad_cache_chunk > 0:
+            broadcast_parameters(self.model)
+            return None
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -103,6 +133,8 @@ class Trainer:
             seed=self.config.seed,
             epoch=self.state.epoch,
             batch_in_epoch=self.state.batch_in_epoch,
+            rank=self.distributed.rank,
+            world_size=self.distributed.world_size,
         )
         loader = DataLoader(
             SeededSampleDataset(self.dataset, self.config.seed),
@@ -121,6 +153,42 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def _forward_backward(
+        self, images: torch.Tensor, tokens: torch.Tensor, inverse: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Compute the loss over the global batch, accumulate its gradient and return the loss.
+
+        ``tokens`` contains the unique texts and ``inverse`` maps each sample to its row. With
+        several processes the loss covers the batches of all ranks (see ``global_unicl_loss``).
+        """
+        if self.config.grad_cache_chunk > 0:
+
+            def compute_loss(image_features, text_features, logit_scale):
+                return global_unicl_loss(image_features, text_features[inverse], labels, logit_scale)
+
+            loss = backward_with_grad_cache(
+                self.model, images, tokens, compute_loss, self.config.grad_cache_chunk, self._autocast
+            )
+            average_gradients(self.model)
+            return loss
+
+        if self.ddp is not None:
+            # The forward pass must go through the DistributedDataParallel wrapper, which
+            # prepares the gradient all-reduce of the backward pass.
+            with self._autocast():
+                image_features, text_features, logit_scale = self.ddp(images, tokens)
+            loss = global_unicl_loss(image_features, text_features[inverse], labels, logit_scale)
+            loss.backward()
+            return loss
+
+        with self._autocast():
+            image_features = self.model.encode_image(images)
+            text_features = self.model.encode_text(tokens)[inverse]
+        logit_scale = self.model.logit_scale.exp().clamp(max=100.0)
+        loss = unicl_loss(image_features, text_features, labels, logit_scale)
+        loss.backward()
+        return loss
+
     def train_step(self, images: torch.Tensor, texts: list[str], labels: torch.Tensor) -> dict[str, float]:
         """Run forward, backward and one optimizer step; return the step's scalars."""
         config = self.config
@@ -133,14 +201,8 @@ class Trainer:
         images = normalize_batch(images.to(self.device, non_blocking=True))
         labels = labels.to(self.device, non_blocking=True)
 
-        with self._autocast():
-            image_features = self.model.encode_image(images)
-            text_features = self.model.encode_text(tokens)[inverse.to(self.device)]
-        logit_scale = self.model.logit_scale.exp().clamp(max=100.0)
-        loss = unicl_loss(image_features, text_features, labels, logit_scale)
-
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self._forward_backward(images, tokens, inverse.to(self.device), labels)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
         self.optimizer.step()
         self.model.clamp_logit_scale()
@@ -152,6 +214,9 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Write a training checkpoint from rank 0, the only rank that writes in a multi-process run."""
+        if not self.distributed.is_main_process:
+            return
         save_training_checkpoint(
             self.checkpoint_dir,
             self.model,
@@ -171,11 +236,19 @@ class Trainer:
         config = self.config
         end_step = min(config.steps, stop_after) if stop_after is not None else config.steps
         self.maybe_resume()
-        metrics = MetricsWriter(self.output_dir)
+        main_process = self.distributed.is_main_process
+        metrics = MetricsWriter(self.output_dir) if main_process else None
         self.model.train()
         start = time.perf_counter()
         window_start, window_images = start, 0
-        progress = tqdm(total=config.steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
+        progress = tqdm(
+            total=config.steps,
+            initial=self.state.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not main_process,
+        )
         last: dict[str, Any] = {}
 
         sampler, loader = self._loader()
@@ -186,13 +259,16 @@ class Trainer:
                 images, texts, labels, skipped = next(batches)
                 consumed += 1
                 self.skipped_samples += skipped
-                if images.shape[0] < 2:
-                    _logger.warning("skipping a batch with %d readable images", images.shape[0])
+                # Every rank must skip the same steps, or the others would wait in the all-gather.
+                fewest_images = smallest_batch_size(images.shape[0], self.device)
+                if fewest_images < 2:
+                    _logger.warning("skipping a batch with %d readable images on some rank", fewest_images)
                     continue
                 values = self.train_step(images, texts, labels)
                 self.state.step += 1
                 self.state.epoch, self.state.batch_in_epoch = sampler.position_after(consumed)
-                window_images += images.shape[0]
+                # An estimate of the global count: ranks that skipped unreadable images hold fewer.
+                window_images += images.shape[0] * self.distributed.world_size
                 last = values
 
                 if self.state.step % config.log_every == 0 or self.state.step == end_step:
@@ -200,7 +276,8 @@ class Trainer:
                     values["images_per_second"] = window_images / max(now - window_start, 1e-9)
                     values["skipped_samples"] = self.skipped_samples
                     window_start, window_images = now, 0
-                    metrics.write(self.state.step, values)
+                    if metrics is not None:
+                        metrics.write(self.state.step, values)
                     progress.set_postfix(
                         {
                             "img/s": f"{values['images_per_second']:.0f}",
@@ -217,10 +294,11 @@ class Trainer:
                     )
                 if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
-                if evaluate and config.eval.every and self.state.step % config.eval.every == 0:
+                if evaluate and main_process and config.eval.every and self.state.step % config.eval.every == 0:
                     metrics.write(self.state.step, evaluate(self.model, self.state.step))
                     self.model.train()
-                if config.max_seconds and time.perf_counter() - start > config.max_seconds:
+                # Rank 0 decides, so that all ranks stop after the same step.
+                if config.max_seconds and agree_on_stop(time.perf_counter() - start > config.max_seconds, self.device):
                     _logger.info("stopping at step %d: max_seconds=%s reached", self.state.step, config.max_seconds)
                     break
         finally:
@@ -230,17 +308,19 @@ class Trainer:
 
         train_seconds = time.perf_counter() - start
         self.save_checkpoint()
-        save_weights(self.model, self.output_dir / "model.safetensors")
+        if main_process:
+            save_weights(self.model, self.output_dir / "model.safetensors")
         results: dict[str, Any] = {
             "step": self.state.step,
             "train_seconds": train_seconds,
             "final_loss": last.get("loss"),
             "skipped_samples": self.skipped_samples,
         }
-        if evaluate:
+        if evaluate and main_process:
             results.update(evaluate(self.model, self.state.step))
-        metrics.write(self.state.step, results)
-        metrics.close()
+        if metrics is not None:
+            metrics.write(self.state.step, results)
+            metrics.close()
         if self.skipped_samples:
             _logger.warning("%d unreadable samples were skipped (see warnings above for paths)", self.skipped_samples)
         return results
