@@ -6,17 +6,13 @@ from safetensors.torch import save_file
 
 import florence
 from florence.checkpoint import load_weights, read_metadata, save_weights
+from tests.tiny import TINY_MODEL
 
-SMALL = dict(
-    embed_dim=16,
-    vision_cfg=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4),
-    text_cfg=dict(width=32, layers=1, heads=2),
-)
 
 
 def _small_model(seed: int = 0):
     torch.manual_seed(seed)
-    return florence.create_model("florence-tiny", **SMALL)
+    return florence.create_model("florence-tiny", **TINY_MODEL)
 
 
 def test_round_trip_restores_weights_and_config(tmp_path):

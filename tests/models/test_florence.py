@@ -7,12 +7,8 @@ import torch.nn.functional as F
 import florence
 from florence.models import count_parameters
 from florence.tokenizer import get_tokenizer
+from tests.tiny import TINY_MODEL
 
-SMALL = dict(
-    embed_dim=16,
-    vision_cfg=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4),
-    text_cfg=dict(width=32, layers=2, heads=2),
-)
 
 
 def test_list_models_has_every_size():
@@ -42,7 +38,7 @@ def test_florence_h_parameter_counts():
 
 def test_encoders_return_unit_vectors():
     torch.manual_seed(0)
-    model = florence.create_model("florence-tiny", **SMALL).eval()
+    model = florence.create_model("florence-tiny", **TINY_MODEL).eval()
     tokens = get_tokenizer()(["a photo of a cat.", "a dog"])
 
     with torch.no_grad():
@@ -57,7 +53,7 @@ def test_encoders_return_unit_vectors():
 
 def test_text_trimming_matches_full_context():
     torch.manual_seed(0)
-    text = florence.create_model("florence-tiny", **SMALL).text.eval()
+    text = florence.create_model("florence-tiny", **TINY_MODEL).text.eval()
     tokens = get_tokenizer()(["a photo of a cat.", "a much longer caption about a small dog on a beach"])
 
     with torch.no_grad():
@@ -72,7 +68,7 @@ def test_text_trimming_matches_full_context():
 
 
 def test_logit_scale_init_and_cap():
-    model = florence.create_model("florence-tiny", **SMALL)
+    model = florence.create_model("florence-tiny", **TINY_MODEL)
     assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07)
 
     with torch.no_grad():
@@ -83,7 +79,7 @@ def test_logit_scale_init_and_cap():
 
 
 def test_no_weight_decay_names_exist():
-    model = florence.create_model("florence-tiny", **SMALL)
+    model = florence.create_model("florence-tiny", **TINY_MODEL)
     names = dict(model.named_parameters())
 
     for name in model.no_weight_decay():
@@ -94,7 +90,7 @@ def test_no_weight_decay_names_exist():
 
 def test_text_gradient_through_deduplicated_features_matches_duplicates():
     torch.manual_seed(0)
-    model = florence.create_model("florence-tiny", **SMALL)
+    model = florence.create_model("florence-tiny", **TINY_MODEL)
     tokens = get_tokenizer()(["a cat", "a dog", "a cat"])
 
     def embedding_grad(features: torch.Tensor) -> torch.Tensor:
@@ -110,7 +106,7 @@ def test_text_gradient_through_deduplicated_features_matches_duplicates():
 
 def test_bf16_autocast_gives_float_features_close_to_fp32():
     torch.manual_seed(0)
-    model = florence.create_model("florence-tiny", **SMALL).eval()
+    model = florence.create_model("florence-tiny", **TINY_MODEL).eval()
     images = torch.randn(2, 3, 32, 32)
 
     with torch.no_grad():

@@ -7,6 +7,7 @@ import torch
 from florence.config import load_config
 from florence.data.dataset import ImageLoadError
 from florence.training.trainer import Trainer
+from tests.tiny import tiny_model_override
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "florence" / "configs" / "quickstart.yaml"
@@ -39,7 +40,7 @@ def _config(root: Path, output: Path, *extra: str):
             f"data.train.0.root={root}",
             "data.train.0.classes_file=null",
             "eval.zeroshot=null",
-            "model_overrides={embed_dim: 16, vision_cfg: {embed_dim: 16, depths: [1, 1], num_heads: [1, 2], window_size: 4}, text_cfg: {width: 32, layers: 1, heads: 2}}",
+            tiny_model_override(),
             *extra,
         ],
     )

@@ -9,6 +9,7 @@ import torch
 
 from florence.config import load_config
 from florence.training.trainer import Trainer
+from tests.tiny import tiny_model_override
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "florence" / "configs" / "quickstart.yaml"
@@ -20,16 +21,9 @@ TINY_OVERRIDES = [
     f"data.train.0.root={DATA / 'train'}",
     f"data.train.0.classes_file={DATA / 'classes.txt'}",
     "eval.zeroshot=null",
-    "model_overrides={embed_dim: 16, vision_cfg: {embed_dim: 16, depths: [1, 1], num_heads: [1, 2], window_size: 4}, text_cfg: {width: 32, layers: 1, heads: 2}}",
+    tiny_model_override(),
 ]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_grad_cache_step_matches_plain_step(tmp_path):

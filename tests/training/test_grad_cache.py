@@ -48,13 +48,6 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return images, get_tokenizer()(unique_texts), inverse, labels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _loss_function(inverse: torch.Tensor, labels: torch.Tensor):
     def compute_loss(image_features, text_features, logit_scale):

@@ -2,16 +2,12 @@ import pytest
 
 import florence
 from florence.training.optim import cosine_lr, param_groups
+from tests.tiny import TINY_MODEL
 
-SMALL = dict(
-    embed_dim=16,
-    vision_cfg=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4),
-    text_cfg=dict(width=32, layers=1, heads=2),
-)
 
 
 def test_param_groups_skip_norms_biases_tables_and_scale():
-    model = florence.create_model("florence-tiny", **SMALL)
+    model = florence.create_model("florence-tiny", **TINY_MODEL)
     decay, no_decay = param_groups(model, weight_decay=0.1)
     no_decay_ids = {id(p) for p in no_decay["params"]}
     names = {name: id(p) for name, p in model.named_parameters()}

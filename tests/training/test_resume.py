@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from florence.config import load_config
 from florence.training.trainer import Trainer
+from tests.tiny import tiny_model_override
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "florence" / "configs" / "quickstart.yaml"
@@ -26,19 +27,12 @@ def _config(output_dir: Path, steps: int, *extra: str):
             f"data.train.0.root={DATA / 'train'}",
             f"data.train.0.classes_file={DATA / 'classes.txt'}",
             "optim.warmup_steps=5",
-            # A tiny model keeps the test fast; drop path is on so the model's own RNG use is covered.
-            "model_overrides={vision_cfg: {embed_dim: 16, depths: [1, 1], num_heads: [1, 2], window_size: 4, drop_path_rate: 0.1}, text_cfg: {width: 32, layers: 1, heads: 2}, embed_dim: 16}",
+            # Drop path is on so that the model's own use of the RNG is covered too.
+            tiny_model_override(drop_path_rate=0.1),
             *extra,
         ],
     )
 
-
-@pytest.fixture(autouse=True)
-def _deterministic_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
