@@ -19,8 +19,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         options = sorted({flag for action in self._actions for flag in action.option_strings if flag.startswith("--")})
-        hint = f"\nvalid options: {', '.join(options)}" if options else ""
+        # An unknown subcommand's message already lists the valid choices.
+        hint = f"\nvalid options: {', '.join(options)}" if options and "invalid choice" not in message else ""
         self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
+def _verbose_parent() -> argparse.ArgumentParser:
+    """Return a parent parser that accepts -v/--verbose after a subcommand too.
+
+    SUPPRESS keeps a subcommand from resetting a -v given before it.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return parent
 
 
 def builtin_config(name: str) -> Path:
@@ -30,6 +41,7 @@ def builtin_config(name: str) -> Path:
 def _add_train(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
+        parents=[_verbose_parent()],
         help="pretrain a model with the UniCL loss",
         description="Pretrain with UniCL. Without --config, trains the built-in quickstart config on "
         "data/cifar10_quickstart (run from the repository root).",
@@ -44,18 +56,18 @@ def _add_eval(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a checkpoint")
     tasks = parser.add_subparsers(dest="task", required=True, parser_class=ArgumentParser)
 
-    zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification (top-1, top-5)")
+    zeroshot = tasks.add_parser("zeroshot", parents=[_verbose_parent()], help="zero-shot classification (top-1, top-5)")
     zeroshot.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
     zeroshot.add_argument("--data", required=True, help="a folder per class, or a CSV of path,label[,class_name]")
     zeroshot.add_argument("--archive", help="zip archive that the CSV paths point into")
     zeroshot.add_argument("--classes", help="classes.txt with one class name per line, in label order")
     zeroshot.add_argument("--templates", default="heldout", help="template set (heldout, imagenet, simple) or a text file, one template per line")
-    zeroshot.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    zeroshot.add_argument("--max-images", type=int, help="evaluate only N images, a seeded random subset")
     zeroshot.add_argument("--batch-size", type=int, default=256)
     zeroshot.add_argument("--json", help="also write the metrics to this JSON file")
     zeroshot.set_defaults(func=_run_eval_zeroshot, parser=zeroshot)
 
-    retrieval = tasks.add_parser("retrieval", help="image-text retrieval (R@1/5/10 both ways)")
+    retrieval = tasks.add_parser("retrieval", parents=[_verbose_parent()], help="image-text retrieval (R@1/5/10 both ways)")
     retrieval.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
     retrieval.add_argument("--captions", required=True, help="captions TSV (image, caption_idx, caption) or COCO caption JSON")
     retrieval.add_argument("--image-root", help="folder the image paths are relative to (default: the captions file's folder)")
@@ -68,7 +80,7 @@ def _add_eval(subparsers) -> None:
 
 
 def _add_classify(subparsers) -> None:
-    parser = subparsers.add_parser("classify", help="rank your own labels for images (zero-shot)")
+    parser = subparsers.add_parser("classify", parents=[_verbose_parent()], help="rank your own labels for images (zero-shot)")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--labels", required=True, help='comma-separated labels, e.g. "cat,dog,rocket"')
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
@@ -78,7 +90,7 @@ def _add_classify(subparsers) -> None:
 
 
 def _add_models(subparsers) -> None:
-    parser = subparsers.add_parser("models", help="list model names and parameter counts")
+    parser = subparsers.add_parser("models", parents=[_verbose_parent()], help="list model names and parameter counts")
     parser.set_defaults(func=_run_models, parser=parser)
 
 

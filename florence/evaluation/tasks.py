@@ -28,6 +28,16 @@ def model_image_size(model: torch.nn.Module) -> int:
     return size[0] if isinstance(size, (tuple, list)) else int(size)
 
 
+def subset_indices(length: int, size: int, seed: int = 0) -> list[int]:
+    """Return ``size`` sorted indices drawn at random from ``range(length)``, the same for a seed.
+
+    A random subset rather than the first ``size`` rows, because evaluation files are often
+    sorted by class, which would make the first rows a single class.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(length, generator=generator)[:size].sort().values.tolist()
+
+
 def run_zero_shot(
     model: torch.nn.Module,
     tokenizer: Callable,
@@ -43,7 +53,7 @@ def run_zero_shot(
     transform = build_eval_transform(model_image_size(model))
     dataset = ClassificationDataset(root, transform, archive=archive, classes_file=classes_file)
     if max_images is not None and max_images < len(dataset):
-        dataset_view = Subset(dataset, range(max_images))
+        dataset_view = Subset(dataset, subset_indices(len(dataset), max_images))
     else:
         dataset_view = dataset
     loader = DataLoader(dataset_view, batch_size=batch_size, num_workers=num_workers)
