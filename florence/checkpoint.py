@@ -93,5 +93,8 @@ def _weights_path(path: str | Path) -> Path:
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; pass a {WEIGHTS_NAME} file or a folder containing one")
+        raise FileNotFoundError(
+            f"checkpoint {path} not found (relative paths start at {Path.cwd()}); pass a {WEIGHTS_NAME} "
+            "file or a folder containing one, or run 'florence train' first to create the default one"
+        )
     return path

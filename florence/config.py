@@ -128,7 +128,7 @@ class TrainConfig:
         if self.data.batch_size <= 1:
             raise ValueError(f"data.batch_size={self.data.batch_size} must be at least 2 for a contrastive loss")
         if not self.data.train:
-            raise ValueError("data.train is empty; list at least one source (see configs/quickstart.yaml)")
+            raise ValueError("data.train is empty; list at least one source (see florence/configs/quickstart.yaml)")
         for source in self.data.train:
             if source.type not in ("classification", "captions", "coco"):
                 raise ValueError(f"data.train source type {source.type!r} is invalid; use classification, captions or coco")
