@@ -116,10 +116,10 @@ def full(log_dir: Path) -> None:
         )
     }
     (log_dir / "florence_full.json").write_text(json.dumps(metrics, indent=2))
-    body = f"""`florence-tiny` pretrained for at most 30 minutes (`max_seconds: 1800`; its 1,900 steps
-finished within that, in the training seconds below) on all 50,000 CIFAR-10 training images
-(one of the 81 training templates per sample) plus 600 Flickr8k photos with their 3,000
-captions, all at 32x32. Zero-shot CIFAR-10 is measured on the 10,000 test images
+    body = f"""`florence-tiny` pretrained on all 50,000 CIFAR-10 training images (one of the 81 training
+templates per sample) plus 600 Flickr8k photos with their 3,000 captions, all at 32x32. The
+run may last at most 30 minutes (`max_seconds: 1800`), and its 1,900 steps finished within
+that, in the training seconds below. Zero-shot CIFAR-10 is measured on the 10,000 test images
 with held-out templates; retrieval searches among the other 200 Flickr8k photos (1,000
 captions; a seeded split of the 800).
 

@@ -20,9 +20,9 @@ import yaml
 class SourceConfig:
     """One training source. ``type`` is ``classification``, ``captions`` or ``coco``.
 
-    classification: ``root`` is a folder per class, or a CSV (``path``) with ``archive`` an
-    optional zip holding the images; ``templates`` names a template set (``train`` for CLIP's
-    80 ImageNet templates plus "{}.", ``none`` for raw class names).
+    classification: ``root`` is a folder per class, or ``path`` a CSV whose images may sit in
+    the zip ``archive``. ``templates`` names a template set: ``train`` for CLIP's 80 ImageNet
+    templates plus "{}.", or ``none`` for raw class names.
     captions: ``path`` is a CSV, TSV or JSONL with ``image`` and ``caption`` columns.
     coco: ``path`` is a COCO caption JSON and ``image_root`` its image folder.
     """

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 import torch
 
 from florence.models.coswin import COSWIN_CONFIGS
 from florence.models.florence import Florence
-
-_logger = logging.getLogger(__name__)
 
 # Text tower sizes. Florence's published figure is a 12-layer Transformer of 256M parameters;
 # width and heads are not published. Width 1176 with 21 heads of 56 keeps CLIP's MLP ratio 4

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -12,8 +11,6 @@ import torch.nn.functional as F
 
 from florence.models.coswin import CoSwin
 from florence.models.text import TextTransformer
-
-_logger = logging.getLogger(__name__)
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = 100.0

@@ -56,9 +56,9 @@ class TextTransformer(nn.Module):
     The output is the final-norm hidden state at the end-of-text token, found as the argmax of
     the token ids because CLIP's vocabulary puts end-of-text last (id 49407), as CLIP does.
 
-    Because attention is causal and pooling reads the end-of-text position, padding after the
-    longest end-of-text token in the batch cannot change the output; ``forward`` therefore trims
-    the batch to that length before running the blocks. The result is the same as running all
+    Attention is causal and pooling reads the end-of-text position, so padding after the
+    longest end-of-text token in the batch cannot change the output. ``forward`` therefore
+    trims the batch to that length before running the blocks. The result is the same as running all
     ``context_length`` positions, at a fraction of the cost for short prompts.
     """
 

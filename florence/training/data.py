@@ -6,14 +6,12 @@ import logging
 from pathlib import Path
 
 from florence.config import SourceConfig, TrainConfig
-from florence.data.dataset import ImageTextDataset, RetrievalDataset, collate_image_text
+from florence.data.dataset import ImageTextDataset, RetrievalDataset
 from florence.data.sources import CaptionSource, ClassificationSource, CocoCaptionSource, ImageTextSource
 from florence.data.templates import TRAIN_TEMPLATES
 from florence.data.transforms import RandomResizedCropFlip
 
 _logger = logging.getLogger(__name__)
-
-collate_train_batch = collate_image_text
 
 TEMPLATE_SETS = {"train": TRAIN_TEMPLATES, "none": None}
 

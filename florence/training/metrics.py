@@ -14,7 +14,7 @@ class MetricsWriter:
     """Append one JSON object per record to ``metrics.jsonl`` and mirror scalars to TensorBoard.
 
     NOTE: after a resume, records between the last checkpoint and the interruption appear twice
-    in the JSONL file; readers should keep the last record for each step.
+    in the JSONL file. Readers should keep the last record for each step.
     """
 
     def __init__(self, output_dir: Path, tensorboard: bool = True) -> None:

@@ -27,7 +27,8 @@ from florence.training.checkpointing import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from florence.training.data import build_train_dataset, collate_train_batch
+from florence.data.dataset import collate_image_text
+from florence.training.data import build_train_dataset
 from florence.training.distributed import (
     agree_on_stop,
     average_gradients,
@@ -140,7 +141,7 @@ class Trainer:
             SeededSampleDataset(self.dataset, self.config.seed),
             batch_sampler=sampler,
             num_workers=self.config.data.num_workers,
-            collate_fn=collate_train_batch,
+            collate_fn=collate_image_text,
             persistent_workers=False,
             # A private generator keeps worker seeding from consuming the global RNG stream,
             # which would make a resumed run diverge from an uninterrupted one.

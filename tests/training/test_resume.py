@@ -1,6 +1,5 @@
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
