@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from florence.models.layers import (
     ConvEmbed,
     DropPath,
+    LayerNorm,
     Mlp,
     WindowAttention,
     WindowLayout,
@@ -76,7 +77,7 @@ class CoSwinBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.shifted = shifted
-        self.norm1 = nn.LayerNorm(dim, device=device, dtype=dtype)
+        self.norm1 = LayerNorm(dim, device=device, dtype=dtype)
         self.attn = WindowAttention(
             dim,
             num_heads,
@@ -88,7 +89,7 @@ class CoSwinBlock(nn.Module):
             dtype=dtype,
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, device=device, dtype=dtype)
+        self.norm2 = LayerNorm(dim, device=device, dtype=dtype)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, device=device, dtype=dtype)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -342,7 +343,7 @@ class CoSwin(nn.Module):
             self.feature_info.append(dict(num_chs=widths[stage], reduction=reduction, module=f"layers.{stage}"))
         self.layers = nn.Sequential(*stages)
 
-        self.norm = nn.LayerNorm(self.num_features, device=device, dtype=dtype)
+        self.norm = LayerNorm(self.num_features, device=device, dtype=dtype)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._make_head(num_classes, device=device, dtype=dtype)
 

@@ -6,8 +6,8 @@ import math
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from florence.models.coswin import CoSwin
 from florence.models.text import TextTransformer
@@ -48,14 +48,18 @@ class Florence(nn.Module):
         return self.text.context_length
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Embed images [B, 3, H, W] into [B, embed_dim] (L2-normalised unless ``normalize`` is False)."""
+        """Embed images [B, 3, H, W] into [B, embed_dim].
+
+        Normalised features are L2-normalised in float32, whatever the autocast dtype; with
+        ``normalize=False`` the projection output keeps the dtype autocast gives it.
+        """
         features = self.image_projection(self.visual(images))
-        return F.normalize(features, dim=-1) if normalize else features
+        return F.normalize(features.float(), dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Embed token ids [B, L] into [B, embed_dim] (L2-normalised unless ``normalize`` is False)."""
+        """Embed token ids [B, L] into [B, embed_dim], L2-normalised in float32 like ``encode_image``."""
         features = self.text_projection(self.text(tokens))
-        return F.normalize(features, dim=-1) if normalize else features
+        return F.normalize(features.float(), dim=-1) if normalize else features
 
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor

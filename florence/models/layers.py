@@ -74,6 +74,24 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(x))
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in float32 and returned in the input's dtype.
+
+    CUDA autocast already runs layer norm in float32, but CPU autocast runs it in bfloat16 or
+    float16, whose mean and variance lose precision over wide channels. The parameters and the
+    state-dict keys are those of ``nn.LayerNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            output = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        return output.to(x.dtype)
+
+
 class ConvEmbed(nn.Module):
     """CvT convolutional token embedding: ``Conv2d`` (with bias) then ``LayerNorm`` over channels.
 
@@ -95,7 +113,7 @@ class ConvEmbed(nn.Module):
         self.proj = nn.Conv2d(
             in_chans, embed_dim, kernel_size, stride=stride, padding=padding, device=device, dtype=dtype
         )
-        self.norm = nn.LayerNorm(embed_dim, device=device, dtype=dtype)
+        self.norm = LayerNorm(embed_dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x).permute(0, 2, 3, 1)
@@ -385,7 +403,8 @@ class WindowAttention(nn.Module):
             )
         else:
             attn = (query * self.scale) @ key.transpose(-2, -1) + attn_mask
-            attn = self.attn_drop(attn.softmax(dim=-1))
+            # Softmax in float32: CPU autocast would otherwise run it in the low precision.
+            attn = self.attn_drop(attn.float().softmax(dim=-1).to(value.dtype))
             x = attn @ value
 
         x = x.transpose(-3, -2).reshape(num_batch_windows, num_tokens, channels)

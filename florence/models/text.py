@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from florence.models.layers import LayerNorm
 
 _logger = logging.getLogger(__name__)
 
@@ -36,9 +38,9 @@ class TextBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, device=None, dtype=None) -> None:
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(width, device=device, dtype=dtype)
+        self.ln_1 = LayerNorm(width, device=device, dtype=dtype)
         self.attn = TextAttention(width, heads, device=device, dtype=dtype)
-        self.ln_2 = nn.LayerNorm(width, device=device, dtype=dtype)
+        self.ln_2 = LayerNorm(width, device=device, dtype=dtype)
         self.mlp = nn.Sequential(
             nn.Linear(width, hidden, device=device, dtype=dtype),
             nn.GELU(),
@@ -83,7 +85,7 @@ class TextTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             [TextBlock(width, heads, mlp_ratio, device=device, dtype=dtype) for _ in range(layers)]
         )
-        self.ln_final = nn.LayerNorm(width, device=device, dtype=dtype)
+        self.ln_final = LayerNorm(width, device=device, dtype=dtype)
         if device is None or torch.device(device).type != "meta":
             self.init_weights()
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import florence
 from florence.models import count_parameters
+from florence.models.layers import LayerNorm
 from florence.tokenizer import get_tokenizer
 from tests.tiny import TINY_MODEL
 
@@ -115,3 +116,29 @@ def test_bf16_autocast_gives_float_features_close_to_fp32():
             low = model.encode_image(images)
 
     assert F.cosine_similarity(reference, low.float()).min() > 0.98
+
+
+@pytest.mark.parametrize("norm_class", [LayerNorm, torch.nn.LayerNorm], ids=["florence", "torch"])
+def test_layer_norm_runs_in_float32_under_fp16_autocast(norm_class):
+    # PyTorch's CPU kernel accumulates float16 layer norm in float16; florence's must not.
+    torch.manual_seed(0)
+    norm = norm_class(512)
+    inputs = (torch.randn(8, 512) * 3 + 1).half()
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        output = norm(inputs)
+
+    expected = F.layer_norm(inputs.float(), (512,), norm.weight, norm.bias, norm.eps).half()
+    assert output.dtype == torch.float16
+    assert torch.equal(output, expected) == (norm_class is LayerNorm)
+
+
+def test_features_are_normalised_in_float32_under_autocast():
+    model = florence.create_model("florence-tiny", **TINY_MODEL).eval()
+    tokens = get_tokenizer()(["a photo of a cat."])
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.encode_text(tokens)
+
+    assert features.dtype == torch.float32
+    assert torch.allclose(features.norm(dim=-1), torch.ones(1), atol=1e-6)
