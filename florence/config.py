@@ -16,6 +16,9 @@ from typing import Any
 import yaml
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class SourceConfig:
     """One training source. ``type`` is ``classification``, ``captions`` or ``coco``.
@@ -104,7 +107,10 @@ class TrainConfig:
     # follows ``steps``, so a run cut by time ends before its learning rate reaches ``min_lr``.
     max_seconds: float = 0.0
     seed: int = 0
+    # fp32; bf16 autocast; or fp16 autocast with dynamic loss scaling (GradScaler).
     precision: str = "fp32"
+    # A step whose loss or gradient is not finite is skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = 10
     threads: int = 0
     grad_checkpointing: bool = False
     # Gradient cache: run each tower on at most this many samples at a time (0: off). The loss
@@ -119,8 +125,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision={self.precision!r} is not supported; use fp32 or bf16")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not supported; use one of {', '.join(PRECISIONS)}")
         if self.steps <= 0:
             raise ValueError(f"steps={self.steps} must be positive")
         if self.grad_cache_chunk < 0:

@@ -35,6 +35,8 @@ class TrainingState:
     step: int
     epoch: int
     batch_in_epoch: int
+    # GradScaler.state_dict() of an fp16 run; None for fp32 and bf16.
+    grad_scaler: dict[str, Any] | None = None
 
 
 def rng_state() -> dict[str, Any]:
@@ -71,6 +73,7 @@ def save_training_checkpoint(
             "step": state.step,
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
+            "grad_scaler": state.grad_scaler,
             "rng": rng_state(),
             "config": config,
         },
@@ -113,4 +116,9 @@ def load_training_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     _logger.info("resumed from %s at step %d", path, state["step"])
-    return TrainingState(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"])
+    return TrainingState(
+        step=state["step"],
+        epoch=state["epoch"],
+        batch_in_epoch=state["batch_in_epoch"],
+        grad_scaler=state.get("grad_scaler"),
+    )

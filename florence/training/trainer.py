@@ -90,9 +90,13 @@ class Trainer:
             betas=config.optim.betas,
             eps=config.optim.eps,
         )
+        # Dynamic loss scaling keeps float16 gradients from underflowing; a no-op otherwise.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.dataset = build_train_dataset(config)
         self.state = TrainingState(step=0, epoch=0, batch_in_epoch=0)
         self.skipped_samples = 0
+        self.nonfinite_steps = 0
+        self.nonfinite_in_a_row = 0
         _logger.info(
             "model %s: %.2fM parameters; %d training samples",
             config.model,
@@ -126,6 +130,8 @@ class Trainer:
             _logger.info("resume requested but %s has no checkpoint; starting from step 0", self.checkpoint_dir)
             return
         self.state = load_training_checkpoint(path, self.model, self.optimizer)
+        if self.state.grad_scaler is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(self.state.grad_scaler)
 
     def _loader(self) -> tuple[ResumableBatchSampler, DataLoader]:
         sampler = ResumableBatchSampler(
@@ -150,9 +156,10 @@ class Trainer:
         return sampler, loader
 
     def _autocast(self):
-        if self.config.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        if self.config.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _forward_backward(
         self, images: torch.Tensor, tokens: torch.Tensor, inverse: torch.Tensor, labels: torch.Tensor
@@ -161,17 +168,19 @@ class Trainer:
 
         ``tokens`` contains the unique texts and ``inverse`` maps each sample to its row. With
         several processes the loss covers the batches of all ranks (see ``global_unicl_loss``).
+        Under fp16 the gradients are those of the scaled loss; the returned loss is unscaled.
         """
         if self.config.grad_cache_chunk > 0:
 
             def compute_loss(image_features, text_features, logit_scale):
-                return global_unicl_loss(image_features, text_features[inverse], labels, logit_scale)
+                loss = global_unicl_loss(image_features, text_features[inverse], labels, logit_scale)
+                return self.scaler.scale(loss)
 
-            loss = backward_with_grad_cache(
+            scaled_loss = backward_with_grad_cache(
                 self.model, images, tokens, compute_loss, self.config.grad_cache_chunk, self._autocast
             )
             average_gradients(self.model)
-            return loss
+            return scaled_loss / self.scaler.get_scale() if self.scaler.is_enabled() else scaled_loss
 
         if self.ddp is not None:
             # The forward pass must go through the DistributedDataParallel wrapper, which
@@ -179,7 +188,7 @@ class Trainer:
             with self._autocast():
                 image_features, text_features, logit_scale = self.ddp(images, tokens)
             loss = global_unicl_loss(image_features, text_features[inverse], labels, logit_scale)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             return loss
 
         with self._autocast():
@@ -187,11 +196,16 @@ class Trainer:
             text_features = self.model.encode_text(tokens)[inverse]
         logit_scale = self.model.logit_scale.exp().clamp(max=100.0)
         loss = unicl_loss(image_features, text_features, labels, logit_scale)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         return loss
 
     def train_step(self, images: torch.Tensor, texts: list[str], labels: torch.Tensor) -> dict[str, float]:
-        """Run forward, backward and one optimizer step; return the step's scalars."""
+        """Run forward, backward and one optimizer step; return the step's scalars.
+
+        A step whose loss or gradient norm is not finite leaves the weights and the optimizer
+        state untouched and returns ``nonfinite=1.0``. Every rank sees the same loss and the
+        same (reduced) gradient norm, so all ranks skip the same steps.
+        """
         config = self.config
         lr = cosine_lr(self.state.step, config.steps, config.optim.lr, config.optim.warmup_steps, config.optim.min_lr)
         for group in self.optimizer.param_groups:
@@ -203,21 +217,68 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(images, tokens, inverse.to(self.device), labels)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
-        self.optimizer.step()
-        self.model.clamp_logit_scale()
-        return {
-            "loss": loss.item(),
+        loss = self._forward_backward(images, tokens, inverse.to(self.device), labels).item()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip))
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.model.clamp_logit_scale()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        # Lowers the loss scale after an overflow and raises it after a run of finite steps.
+        self.scaler.update()
+        values = {
+            "loss": loss,
             "lr": lr,
             "logit_scale": self.model.logit_scale.exp().item(),
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
+            "nonfinite": float(not finite),
         }
+        if self.scaler.is_enabled():
+            values["loss_scale"] = self.scaler.get_scale()
+        return values
+
+    def _count_nonfinite(self, values: dict[str, float]) -> None:
+        """Count a skipped non-finite step; after ``max_nonfinite_steps`` in a row, checkpoint and stop.
+
+        The checkpoint holds the weights of the last finite step, since skipped steps change
+        nothing, at the data position after the bad batches, so ``--resume`` continues past them.
+
+        Raises:
+            FloatingPointError: ``max_nonfinite_steps`` steps in a row were not finite.
+        """
+        if not values["nonfinite"]:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        limit = self.config.max_nonfinite_steps
+        # An fp16 overflow of the gradient alone is loss scaling at work, worth no warning.
+        overflow = self.scaler.is_enabled() and math.isfinite(values["loss"])
+        _logger.log(
+            logging.INFO if overflow else logging.WARNING,
+            "step %d: loss %s, gradient norm %s; skipped the update (%d in a row, limit %d)",
+            self.state.step,
+            values["loss"],
+            values["grad_norm"],
+            self.nonfinite_in_a_row,
+            limit,
+        )
+        if self.nonfinite_in_a_row < limit:
+            return
+        self.save_checkpoint()
+        raise FloatingPointError(
+            f"{limit} steps in a row, up to step {self.state.step}, had a non-finite loss or gradient; "
+            f"the last finite weights are saved in {self.checkpoint_dir}. Lower optim.lr, use precision=bf16 "
+            "or fp32, or check the data, then continue with --resume (max_nonfinite_steps sets the limit)"
+        )
 
     def save_checkpoint(self) -> None:
         """Write a training checkpoint from rank 0, the only rank that writes in a multi-process run."""
         if not self.distributed.is_main_process:
             return
+        self.state.grad_scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
         save_training_checkpoint(
             self.checkpoint_dir,
             self.model,
@@ -276,6 +337,7 @@ class Trainer:
                     now = time.perf_counter()
                     values["images_per_second"] = window_images / max(now - window_start, 1e-9)
                     values["skipped_samples"] = self.skipped_samples
+                    values["nonfinite_steps"] = self.nonfinite_steps
                     window_start, window_images = now, 0
                     if metrics is not None:
                         metrics.write(self.state.step, values)
@@ -289,10 +351,7 @@ class Trainer:
                     )
                 progress.update(1)
 
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"loss is {values['loss']} at step {self.state.step}; lower optim.lr or use precision=fp32"
-                    )
+                self._count_nonfinite(values)
                 if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
                 if evaluate and main_process and config.eval.every and self.state.step % config.eval.every == 0:
@@ -316,6 +375,7 @@ class Trainer:
             "train_seconds": train_seconds,
             "final_loss": last.get("loss"),
             "skipped_samples": self.skipped_samples,
+            "nonfinite_steps": self.nonfinite_steps,
         }
         if evaluate and main_process:
             results.update(evaluate(self.model, self.state.step))
