@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -50,16 +51,14 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = False) -> tuple[list[str], list[str]]:
-    """Load safetensors weights into ``model``; log and return (missing, unexpected) keys.
-
-    With ``strict=True`` any missing or unexpected key raises instead.
-    """
-    path = _weights_path(path)
-    state: dict[str, torch.Tensor] = {}
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as handle:
-        for name in handle.keys():
-            state[name] = handle.get_tensor(name)
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def _load_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, strict: bool
+) -> tuple[list[str], list[str]]:
     result = model.load_state_dict(state, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing:
@@ -69,6 +68,48 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = False)
     if strict and (missing or unexpected):
         raise RuntimeError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
     return missing, unexpected
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = False) -> tuple[list[str], list[str]]:
+    """Load safetensors weights into ``model``; log and return (missing, unexpected) keys.
+
+    With ``strict=True`` any missing or unexpected key raises instead.
+    """
+    path = _weights_path(path)
+    return _load_state(model, _read_state(path), path, strict)
+
+
+def _window_of_table(rows: int, name: str) -> int:
+    """Return the square window size ``M`` of a bias table with ``(2M - 1)**2`` rows."""
+    side = math.isqrt(rows)
+    if side * side != rows or side % 2 == 0:
+        raise ValueError(f"{name} has {rows} rows, which is not (2M - 1)^2 for a square window M")
+    return (side + 1) // 2
+
+
+def load_pretrained(model: torch.nn.Module, path: str | Path, strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load weights trained at another window size, as the start of a new training stage.
+
+    Each relative position bias table whose shape differs from ``model``'s is resized by
+    bicubic interpolation (the recipe Swin uses to go from window 7 at 224 to window 12 at
+    384); everything else must match. Only square windows are resized.
+    """
+    from florence.models.layers import resize_relative_position_bias_table
+
+    path = _weights_path(path)
+    state = _read_state(path)
+    targets = model.state_dict()
+    for name, table in state.items():
+        if not name.endswith("relative_position_bias_table") or name not in targets:
+            continue
+        target = targets[name]
+        if table.shape == target.shape:
+            continue
+        old_window = _window_of_table(table.shape[0], name)
+        new_window = _window_of_table(target.shape[0], name)
+        state[name] = resize_relative_position_bias_table(table, (old_window,) * 2, (new_window,) * 2)
+        _logger.debug("%s: resized %s from window %d to %d", path, name, old_window, new_window)
+    return _load_state(model, state, path, strict)
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None, **overrides: Any) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from florence.checkpoint import save_weights
+from florence.checkpoint import load_pretrained, save_weights
 from florence.config import TrainConfig, to_dict
 from florence.data.transforms import normalize_batch
 from florence.models import count_parameters, create_model
@@ -82,6 +82,9 @@ class Trainer:
 
         self.tokenizer = get_tokenizer()
         self.model = create_model(config.model, **config.model_overrides).to(self.device)
+        if config.init_from:
+            load_pretrained(self.model, config.init_from)
+            _logger.info("initialised the weights from %s", config.init_from)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
         self.ddp = self._wrap_distributed()
         self.optimizer = torch.optim.AdamW(
