@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     os.replace(handle.name, path)
 
 
-def save_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Save ``model``'s weights as safetensors, with its name and config in the metadata."""
+def save_weights(
+    model: torch.nn.Module, path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """Save ``model``'s weights as safetensors, with its name and config in the metadata.
+
+    ``state_dict`` replaces ``model.state_dict()`` as the weights to write, for example the full
+    state dict gathered from an FSDP-sharded model, whose own tensors are shards.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format_version": FORMAT_VERSION}
     if hasattr(model, "model_name"):
         metadata["model_name"] = model.model_name
         metadata["model_config"] = json.dumps(model.model_config)
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    if state_dict is None:
+        state_dict = model.state_dict()
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -50,17 +59,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read the tensors of a safetensors file, or of the one in a checkpoint folder, onto the CPU."""
+    path = _weights_path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
 def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = False) -> tuple[list[str], list[str]]:
     """Load safetensors weights into ``model``; log and return (missing, unexpected) keys.
 
     With ``strict=True`` any missing or unexpected key raises instead.
     """
     path = _weights_path(path)
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as handle:
-        for name in handle.keys():
-            state[name] = handle.get_tensor(name)
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(read_weights(path), strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing:
         _logger.warning("%s: %d missing keys: %s", path, len(missing), ", ".join(missing[:20]))

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from florence.checkpoint import save_weights
 from florence.config import TrainConfig, to_dict
+from florence.data.dataset import collate_image_text
 from florence.data.transforms import normalize_batch
 from florence.models import count_parameters, create_model
 from florence.tokenizer import get_tokenizer
@@ -27,14 +28,17 @@ from florence.training.checkpointing import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from florence.data.dataset import collate_image_text
 from florence.training.data import build_train_dataset
 from florence.training.distributed import (
     agree_on_stop,
     average_gradients,
     broadcast_parameters,
+    clip_grad_norm,
+    gather_full_state_dicts,
     global_unicl_loss,
     init_distributed,
+    pad_to_largest,
+    shard_model,
     smallest_batch_size,
 )
 from florence.training.grad_cache import backward_with_grad_cache
@@ -83,6 +87,9 @@ class Trainer:
         self.tokenizer = get_tokenizer()
         self.model = create_model(config.model, **config.model_overrides).to(self.device)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
+        self.sharded = self.distributed.is_distributed and config.strategy == "fsdp"
+        if config.strategy == "fsdp" and not self.distributed.is_distributed:
+            _logger.info("strategy=fsdp has no effect in a single-process run")
         self.ddp = self._wrap_distributed()
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.optim.weight_decay),
@@ -104,9 +111,13 @@ class Trainer:
         """Wrap the model in DistributedDataParallel in a multi-process run without gradient cache.
 
         The gradient cache runs several backward passes per step, so there the ranks start from
-        rank 0's weights and the trainer averages gradients itself once per step.
+        rank 0's weights and the trainer averages gradients itself once per step. With
+        ``strategy=fsdp`` the model is sharded in place instead and None is returned.
         """
         if not self.distributed.is_distributed:
+            return None
+        if self.sharded:
+            shard_model(self.model, self.device)
             return None
         if self.config.grad_cache_chunk > 0:
             broadcast_parameters(self.model)
@@ -163,9 +174,12 @@ class Trainer:
         several processes the loss covers the batches of all ranks (see ``global_unicl_loss``).
         """
         if self.config.grad_cache_chunk > 0:
+            num_images = images.shape[0]
+            if self.sharded:
+                images, tokens = pad_to_largest(images, tokens)
 
             def compute_loss(image_features, text_features, logit_scale):
-                return global_unicl_loss(image_features, text_features[inverse], labels, logit_scale)
+                return global_unicl_loss(image_features[:num_images], text_features[inverse], labels, logit_scale)
 
             loss = backward_with_grad_cache(
                 self.model, images, tokens, compute_loss, self.config.grad_cache_chunk, self._autocast
@@ -173,13 +187,17 @@ class Trainer:
             average_gradients(self.model)
             return loss
 
-        if self.ddp is not None:
+        if self.ddp is not None or self.sharded:
             # The forward pass must go through the DistributedDataParallel wrapper, which
-            # prepares the gradient all-reduce of the backward pass.
+            # prepares the gradient all-reduce of the backward pass, or under FSDP through the
+            # root's forward, which gathers the root's parameters.
+            module = self.ddp if self.ddp is not None else self.model
             with self._autocast():
-                image_features, text_features, logit_scale = self.ddp(images, tokens)
+                image_features, text_features, logit_scale = module(images, tokens)
             loss = global_unicl_loss(image_features, text_features[inverse], labels, logit_scale)
             loss.backward()
+            if self.sharded:
+                average_gradients(self.model)
             return loss
 
         with self._autocast():
@@ -204,7 +222,7 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._forward_backward(images, tokens, inverse.to(self.device), labels)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
+        grad_norm = clip_grad_norm(self.model.parameters(), config.optim.grad_clip)
         self.optimizer.step()
         self.model.clamp_logit_scale()
         return {
@@ -215,7 +233,14 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write a training checkpoint from rank 0, the only rank that writes in a multi-process run."""
+        """Write a training checkpoint from rank 0, the only rank that writes in a multi-process run.
+
+        Under FSDP every rank must call this, because the full weights and optimizer state are
+        gathered from all ranks onto rank 0 first.
+        """
+        model_state = optimizer_state = None
+        if self.sharded:
+            model_state, optimizer_state = gather_full_state_dicts(self.model, self.optimizer)
         if not self.distributed.is_main_process:
             return
         save_training_checkpoint(
@@ -225,7 +250,27 @@ class Trainer:
             self.state,
             to_dict(self.config),
             keep=self.config.keep_checkpoints,
+            model_state_dict=model_state,
+            optimizer_state_dict=optimizer_state,
         )
+
+    def full_model(self) -> torch.nn.Module | None:
+        """Return a model with all weights in place, for evaluation and the final weights file.
+
+        Without FSDP this is the training model itself. Under FSDP every rank must call this:
+        the full state dict is gathered onto rank 0, which returns an unsharded copy on its
+        device, and the other ranks return None.
+        """
+        if not self.sharded:
+            return self.model
+        model_state, _ = gather_full_state_dicts(self.model)
+        if not self.distributed.is_main_process:
+            return None
+        # NOTE: rank 0 then holds the full weights twice, on the CPU and on its device, so the
+        # model itself (without gradients or optimizer state) must fit on one device.
+        copy = create_model(self.config.model, device=self.device, **self.config.model_overrides)
+        copy.load_state_dict(model_state)
+        return copy
 
     def fit(self, evaluate=None, stop_after: int | None = None) -> dict[str, Any]:
         """Train until ``config.steps`` (or ``max_seconds``); return the final metrics.
@@ -295,9 +340,11 @@ class Trainer:
                     )
                 if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
-                if evaluate and main_process and config.eval.every and self.state.step % config.eval.every == 0:
-                    metrics.write(self.state.step, evaluate(self.model, self.state.step))
-                    self.model.train()
+                if evaluate and config.eval.every and self.state.step % config.eval.every == 0:
+                    eval_model = self.full_model()
+                    if main_process:
+                        metrics.write(self.state.step, evaluate(eval_model, self.state.step))
+                        self.model.train()
                 # Rank 0 decides, so that all ranks stop after the same step.
                 if config.max_seconds and agree_on_stop(time.perf_counter() - start > config.max_seconds, self.device):
                     _logger.info("stopping at step %d: max_seconds=%s reached", self.state.step, config.max_seconds)
@@ -309,8 +356,9 @@ class Trainer:
 
         train_seconds = time.perf_counter() - start
         self.save_checkpoint()
+        final_model = self.full_model()
         if main_process:
-            save_weights(self.model, self.output_dir / "model.safetensors")
+            save_weights(final_model, self.output_dir / "model.safetensors")
         results: dict[str, Any] = {
             "step": self.state.step,
             "train_seconds": train_seconds,
@@ -318,7 +366,7 @@ class Trainer:
             "skipped_samples": self.skipped_samples,
         }
         if evaluate and main_process:
-            results.update(evaluate(self.model, self.state.step))
+            results.update(evaluate(final_model, self.state.step))
         if metrics is not None:
             metrics.write(self.state.step, results)
             metrics.close()
