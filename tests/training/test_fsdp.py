@@ -1,4 +1,8 @@
+import json
 import os
+import shutil
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -8,6 +12,8 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 import florence
+from florence.checkpoint import load_model, read_weights
+from florence.config import load_config
 from florence.tokenizer import get_tokenizer
 from florence.training.distributed import (
     average_gradients,
@@ -24,7 +30,9 @@ from florence.training.distributed import (
 from florence.training.grad_cache import backward_with_grad_cache
 from florence.training.loss import unicl_loss
 from florence.training.optim import param_groups
+from florence.training.trainer import Trainer
 from tests.training.test_distributed import SMALL, WORLD_SIZE, _free_port, _load_batch
+from tests.training.test_distributed_train import QUICKSTART, REPO, TINY_OVERRIDES
 
 # Rows per rank, gradient cache chunk size (0: off) and activation checkpointing, per case.
 CASES = {
@@ -227,3 +235,86 @@ def test_loaded_full_state_dicts_round_trip(ranks, single_process):
 
     _assert_tensors_close(model_state, single_process["stepped_model_state"], "model", atol=0.0)
     _assert_optimizer_states_close(optimizer_state, single_process["optimizer_state"], "optimizer")
+
+
+# A short warmup makes the steps large, so that a wrong optimizer state after resume shows in the loss.
+RUN_OVERRIDES = [*TINY_OVERRIDES, "log_every=1", "checkpoint_every=3", "optim.warmup_steps=2"]
+
+
+def _step_losses(output_dir: Path, after: int = 0) -> list[float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if "loss" in record and record["step"] > after]
+
+
+def _train_one_process(output_dir: Path, steps: int, *extra: str) -> None:
+    config = load_config(QUICKSTART, [*RUN_OVERRIDES, f"output_dir={output_dir}", f"steps={steps}", "data.batch_size=16", *extra])
+    Trainer(config).fit()
+
+
+def _train_fsdp(output_dir: Path, steps: int, *extra: str) -> None:
+    """Run ``florence train --strategy fsdp`` in 2 Gloo processes, each with half of a global batch of 16."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        "-m",
+        "florence.cli.main",
+        "train",
+        "--strategy",
+        "fsdp",
+        "--config",
+        str(QUICKSTART),
+        *RUN_OVERRIDES,
+        f"output_dir={output_dir}",
+        f"steps={steps}",
+        "data.batch_size=8",
+        *extra,
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, check=False, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory) -> dict:
+    """Train one process for 3 steps, resume a copy of its checkpoint to step 5, and return both runs."""
+    root = tmp_path_factory.mktemp("single_process_run")
+    _train_one_process(root / "run", 3)
+    shutil.copytree(root / "run", root / "resumed")
+    _train_one_process(root / "resumed", 5, "resume=true")
+    return {
+        "run": root / "run",
+        "losses": _step_losses(root / "run"),
+        "resumed_losses": _step_losses(root / "resumed", after=3),
+    }
+
+
+def test_torchrun_fsdp_checkpoint_loads_in_one_process(tmp_path, single_process_run):
+    output_dir = tmp_path / "fsdp"
+
+    _train_fsdp(output_dir, 3)
+
+    assert _step_losses(output_dir) == pytest.approx(single_process_run["losses"], rel=1e-4)
+    assert (output_dir / "checkpoints" / "latest").read_text() == "step_0000003"
+    model = load_model(output_dir / "model.safetensors")
+    checkpoint = read_weights(output_dir / "checkpoints" / "step_0000003")
+    assert model.state_dict().keys() == checkpoint.keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, checkpoint[name]), f"{name} differs between model.safetensors and the checkpoint"
+
+    _train_one_process(output_dir, 5, "resume=true")
+
+    assert _step_losses(output_dir, after=3) == pytest.approx(single_process_run["resumed_losses"], rel=1e-4)
+
+
+def test_single_process_checkpoint_resumes_under_fsdp(tmp_path, single_process_run):
+    output_dir = tmp_path / "resumed"
+    shutil.copytree(single_process_run["run"], output_dir)
+
+    _train_fsdp(output_dir, 5, "--resume")
+
+    assert (output_dir / "checkpoints" / "latest").read_text() == "step_0000005"
+    assert _step_losses(output_dir, after=3) == pytest.approx(single_process_run["resumed_losses"], rel=1e-4)
