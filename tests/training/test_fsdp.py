@@ -50,6 +50,10 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach().clone()
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
 
@@ -110,6 +114,11 @@ def _worker(rank: int, port: int, state_dict: dict, output_dir: Path) -> None:
         _, optimizer_state = gather_full_state_dicts(model, optimizer)
         results[case] = {
             "is_sharded": is_sharded(model),
+            "fsdp_units": sum(is_sharded(module) for module in model.modules()),
+            "replicated_parameters": [name for name, parameter in model.named_parameters() if not isinstance(parameter, DTensor)],
+            "local_numel": sum(_local(parameter).numel() for parameter in model.parameters()),
+            "local_exp_avg_numel": sum(_local(state["exp_avg"]).numel() for state in optimizer.state.values()),
+            "local_grad_numel": sum(_local(parameter.grad).numel() for parameter in model.parameters()),
             "loss": loss,
             "gradients": gradients,
             "grad_norm": grad_norm,
@@ -191,6 +200,19 @@ def _assert_optimizer_states_close(actual: dict, expected: dict, where: str) -> 
     assert actual["state"].keys() == expected["state"].keys(), where
     for number, state in expected["state"].items():
         _assert_tensors_close(actual["state"][number], state, f"{where}, parameter {number}")
+
+
+def test_fsdp_shards_parameters_gradients_and_optimizer_state(ranks, single_process):
+    total = sum(tensor.numel() for tensor in single_process["gradients"].values())
+    for rank, results in enumerate(ranks):
+        step = results["equal"]
+        # One unit per CoSwin block (2), per text block (2), and the root.
+        assert step["fsdp_units"] == 5, f"rank {rank}"
+        assert step["replicated_parameters"] == ["logit_scale"], f"rank {rank}"
+        # Each rank holds about half of every tensor: dim 0 is split, padded to equal shards.
+        assert step["local_numel"] < 0.6 * total, f"rank {rank}"
+        assert step["local_grad_numel"] == step["local_numel"], f"rank {rank}"
+        assert step["local_exp_avg_numel"] == step["local_numel"], f"rank {rank}"
 
 
 @pytest.mark.parametrize("case", CASES)
