@@ -94,8 +94,8 @@ class EvalConfig:
     retrieval: RetrievalEvalConfig | None = None
 
 
-# How a multi-process run (torchrun) splits the work: "ddp" replicates the model on every rank,
-# "fsdp" shards parameters, gradients and optimizer state over the ranks.
+# Data-parallel strategies of a multi-process run (torchrun). "ddp" replicates the model on
+# every rank, and "fsdp" shards parameters, gradients and optimizer state over the ranks.
 STRATEGIES = ("ddp", "fsdp")
 
 

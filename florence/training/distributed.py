@@ -308,7 +308,7 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     """Shard a Florence model in place with FSDP2 over all ranks (ZeRO-3), and return it.
 
     Each CoSwin block and each text Transformer block becomes one FSDP unit, whose parameters
-    are all-gathered just before the block runs and freed after it. The root unit holds
+    are all-gathered just before the block runs and freed after it. The root unit contains
     everything else: the patch and stage embeddings, the token and positional embeddings, the
     final norms and both projections. Gradients are reduce-scattered and averaged over the ranks,
     so every rank keeps only its shard of each parameter, gradient and optimizer state.
@@ -399,6 +399,7 @@ def load_full_state_dicts(
 
     Raises:
         RuntimeError: a parameter is missing from ``model_state`` or not in the model.
+        ValueError: ``optimizer_state`` has a different number of parameters than ``optimizer``.
     """
     options = _full_state_dict_options()
     set_model_state_dict(model, model_state, options=options)

@@ -266,7 +266,7 @@ class Trainer:
         model_state, _ = gather_full_state_dicts(self.model)
         if not self.distributed.is_main_process:
             return None
-        # NOTE: rank 0 then holds the full weights twice, on the CPU and on its device, so the
+        # NOTE: rank 0 then keeps the full weights twice, on the CPU and on its device, so the
         # model itself (without gradients or optimizer state) must fit on one device.
         copy = create_model(self.config.model, device=self.device, **self.config.model_overrides)
         copy.load_state_dict(model_state)

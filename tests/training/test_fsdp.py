@@ -141,9 +141,9 @@ def _worker(rank: int, port: int, state_dict: dict, output_dir: Path) -> None:
 def single_process(tmp_path_factory):
     """Return the initial weights, and one process's step over the global batch.
 
-    The weights after the AdamW step are not compared with FSDP's: AdamW divides each
-    gradient by its own magnitude, so a rounding-level gradient, such as that of the attention
-    key bias (exactly zero in theory), becomes a step of about ``lr`` in a random direction.
+    The weights after the AdamW step are not compared with FSDP's. AdamW divides each
+    gradient by its own magnitude, so a rounding-level gradient becomes a step of about ``lr``
+    in a random direction. The attention key bias has such a gradient, exactly zero in theory.
     """
     torch.manual_seed(0)
     model = florence.create_model("florence-tiny", **SMALL)
@@ -202,14 +202,14 @@ def _assert_optimizer_states_close(actual: dict, expected: dict, where: str) -> 
         _assert_tensors_close(actual["state"][number], state, f"{where}, parameter {number}")
 
 
-def test_fsdp_shards_parameters_gradients_and_optimizer_state(ranks, single_process):
+def test_fsdp_shards_all_training_state(ranks, single_process):
     total = sum(tensor.numel() for tensor in single_process["gradients"].values())
     for rank, results in enumerate(ranks):
         step = results["equal"]
         # One unit per CoSwin block (2), per text block (2), and the root.
         assert step["fsdp_units"] == 5, f"rank {rank}"
         assert step["replicated_parameters"] == ["logit_scale"], f"rank {rank}"
-        # Each rank holds about half of every tensor: dim 0 is split, padded to equal shards.
+        # Each rank stores about half of every tensor, because dim 0 is split into equal padded shards.
         assert step["local_numel"] < 0.6 * total, f"rank {rank}"
         assert step["local_grad_numel"] == step["local_numel"], f"rank {rank}"
         assert step["local_exp_avg_numel"] == step["local_numel"], f"rank {rank}"
