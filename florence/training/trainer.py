@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from florence.checkpoint import save_weights
 from florence.config import TrainConfig, to_dict
-from florence.data.dataset import collate_image_text
 from florence.data.transforms import normalize_batch
 from florence.models import count_parameters, create_model
 from florence.tokenizer import get_tokenizer
@@ -28,6 +27,7 @@ from florence.training.checkpointing import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
+from florence.data.dataset import collate_image_text
 from florence.training.data import build_train_dataset
 from florence.training.distributed import (
     agree_on_stop,
@@ -275,7 +275,9 @@ class Trainer:
     def fit(self, evaluate=None, stop_after: int | None = None) -> dict[str, Any]:
         """Train until ``config.steps`` (or ``max_seconds``); return the final metrics.
 
-        ``evaluate(model, step) -> dict`` runs every ``eval.every`` steps and at the end.
+        ``evaluate(model, step) -> dict`` runs on rank 0 every ``eval.every`` steps and at the
+        end. Under FSDP every rank must pass an ``evaluate`` (the other ranks' is not called),
+        because all ranks take part in gathering the model that rank 0 evaluates.
         ``stop_after`` ends the run at that step as an interruption would, after a checkpoint;
         the learning-rate schedule still spans ``config.steps``.
         """
