@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     os.replace(handle.name, path)
 
 
-def save_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Save ``model``'s weights as safetensors, with its name and config in the metadata."""
+def save_weights(
+    model: torch.nn.Module, path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """Save ``model``'s weights as safetensors, with its name and config in the metadata.
+
+    ``state_dict`` replaces ``model.state_dict()`` as the weights to write, for example the full
+    state dict gathered from an FSDP-sharded model, whose own tensors are shards.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format_version": FORMAT_VERSION}
     if hasattr(model, "model_name"):
         metadata["model_name"] = model.model_name
         metadata["model_config"] = json.dumps(model.model_config)
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    if state_dict is None:
+        state_dict = model.state_dict()
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -51,7 +60,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read the tensors of a safetensors file, or of the one in a checkpoint folder, onto the CPU."""
+    path = _weights_path(path)
     with safe_open(str(path), framework="pt") as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
 
@@ -76,7 +87,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = False)
     With ``strict=True`` any missing or unexpected key raises instead.
     """
     path = _weights_path(path)
-    return _load_state(model, _read_state(path), path, strict)
+    return _load_state(model, read_weights(path), path, strict)
 
 
 def _window_of_table(rows: int, name: str) -> int:
@@ -97,7 +108,7 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, strict: bool = Tru
     from florence.models.layers import resize_relative_position_bias_table
 
     path = _weights_path(path)
-    state = _read_state(path)
+    state = read_weights(path)
     targets = model.state_dict()
     for name, table in state.items():
         if not name.endswith("relative_position_bias_table") or name not in targets:

@@ -97,6 +97,11 @@ class EvalConfig:
     retrieval: RetrievalEvalConfig | None = None
 
 
+# Data-parallel strategies of a multi-process run (torchrun). "ddp" replicates the model on
+# every rank, and "fsdp" shards parameters, gradients and optimizer state over the ranks.
+STRATEGIES = ("ddp", "fsdp")
+
+
 @dataclass
 class TrainConfig:
     model: str = "florence-tiny"
@@ -119,6 +124,8 @@ class TrainConfig:
     # Gradient cache: run each tower on at most this many samples at a time (0: off). The loss
     # and its gradient still cover the whole batch, and each step costs a second forward pass.
     grad_cache_chunk: int = 0
+    # Data-parallel strategy under torchrun, one of STRATEGIES; a single-process run ignores it.
+    strategy: str = "ddp"
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -130,6 +137,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not supported; use one of {', '.join(PRECISIONS)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is invalid; valid strategies: {', '.join(STRATEGIES)}")
         if self.steps <= 0:
             raise ValueError(f"steps={self.steps} must be positive")
         if self.grad_cache_chunk < 0:

@@ -9,6 +9,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from florence.config import STRATEGIES
+
 _logger = logging.getLogger("florence.cli")
 
 DEFAULT_CHECKPOINT = "runs/quickstart/model.safetensors"
@@ -48,6 +50,13 @@ def _add_train(subparsers) -> None:
     )
     parser.add_argument("--config", help="YAML training config (default: the built-in quickstart config)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="data parallelism under torchrun: ddp replicates the model on every process, fsdp shards its "
+        "parameters, gradients and optimizer state (same as strategy=...; default: the config's strategy, ddp "
+        "unless set); a single-process run ignores it",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-3 steps=200")
     parser.set_defaults(func=_run_train, parser=parser)
 
@@ -115,6 +124,8 @@ def _run_train(args) -> int:
         config_path = builtin_config("quickstart")
         _logger.info("no --config given; using the built-in quickstart config %s", config_path)
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    if args.strategy is not None:
+        overrides.append(f"strategy={args.strategy}")
     config = load_config(config_path, overrides)
 
     trainer = Trainer(config)

@@ -9,6 +9,10 @@ Layout under ``output_dir/checkpoints``::
 A checkpoint folder is written under a temporary name and renamed when complete, and
 ``latest`` is replaced atomically after that, so an interrupted write never leaves ``latest``
 pointing at a partial checkpoint.
+
+The files have the same form whether one process or an FSDP job wrote them: an FSDP job
+gathers the full weights and optimizer state onto rank 0 first. So a checkpoint of either kind
+resumes under either kind of run.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from florence.checkpoint import WEIGHTS_NAME, atomic_write_bytes, load_weights, save_weights
+from florence.checkpoint import (
+    WEIGHTS_NAME,
+    atomic_write_bytes,
+    load_weights,
+    read_weights,
+    save_weights,
+)
+from florence.training.distributed import is_sharded, load_full_state_dicts
 
 _logger = logging.getLogger(__name__)
 
@@ -56,8 +67,15 @@ def save_training_checkpoint(
     state: TrainingState,
     config: dict[str, Any],
     keep: int = 2,
+    model_state_dict: dict[str, torch.Tensor] | None = None,
+    optimizer_state_dict: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for ``state.step`` and prune all but the ``keep`` newest."""
+    """Write a complete checkpoint for ``state.step`` and prune all but the ``keep`` newest.
+
+    ``model_state_dict`` and ``optimizer_state_dict`` replace ``model.state_dict()`` and
+    ``optimizer.state_dict()``, for example with the full state dicts gathered from an
+    FSDP-sharded model (see ``gather_full_state_dicts``). ``model`` then provides the metadata.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step_{state.step:07d}"
     final = directory / name
@@ -66,10 +84,10 @@ def save_training_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    save_weights(model, tmp / WEIGHTS_NAME)
+    save_weights(model, tmp / WEIGHTS_NAME, state_dict=model_state_dict)
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer_state_dict is None else optimizer_state_dict,
             "step": state.step,
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
@@ -110,10 +128,17 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def load_training_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> TrainingState:
-    """Restore weights, optimizer and RNG state in place; return the position to continue from."""
-    load_weights(model, path / WEIGHTS_NAME, strict=True)
+    """Restore weights, optimizer and RNG state in place; return the position to continue from.
+
+    ``model`` may be sharded with FSDP. Then every rank must call this, and each rank reads the
+    whole checkpoint, so ``path`` must be readable on every node.
+    """
     state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):
+        load_full_state_dicts(model, optimizer, read_weights(path / WEIGHTS_NAME), state["optimizer"])
+    else:
+        load_weights(model, path / WEIGHTS_NAME, strict=True)
+        optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     _logger.info("resumed from %s at step %d", path, state["step"])
     return TrainingState(

@@ -1,21 +1,37 @@
-"""Data-parallel UniCL: process-group setup and a loss over the batch of every rank.
+"""Data-parallel UniCL: process-group setup, a loss over the batch of every rank, and FSDP.
 
 UniCL needs every image compared with every text of the global batch, so each rank gathers
 the features of all ranks (with gradient) and computes the loss over the whole global batch.
 Launch with ``torchrun``, which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
 and ``MASTER_PORT``; without ``WORLD_SIZE`` (or with 1) everything here is single-process.
+
+With the ``fsdp`` strategy, ``shard_model`` applies PyTorch's FSDP2 (``fully_shard``), and
+``gather_full_state_dicts`` and ``load_full_state_dicts`` convert between the sharded model and
+the full state dicts that single-process checkpoints contain.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from florence.training.loss import unicl_loss
 
@@ -222,12 +238,18 @@ def average_gradients(model: nn.Module) -> None:
 
     For training loops that do not wrap the model in DistributedDataParallel, such as the
     gradient cache, which runs several backward passes per step. Every rank must hold a
-    gradient for the same parameters. Does nothing without a process group.
+    gradient for the same parameters. Gradients of FSDP-sharded parameters (DTensors) are
+    skipped, because FSDP's reduce-scatter has already averaged them, so under FSDP this
+    averages only the replicated logit scale. Does nothing without a process group.
     """
     world_size = _world_size()
     if world_size == 1:
         return
-    gradients = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+    gradients = [
+        parameter.grad
+        for parameter in model.parameters()
+        if parameter.grad is not None and not isinstance(parameter.grad, DTensor)
+    ]
     handles = [dist.all_reduce(gradient, async_op=True) for gradient in gradients]
     for handle in handles:
         handle.wait()
@@ -253,6 +275,21 @@ def smallest_batch_size(rows: int, device: torch.device) -> int:
     return int(smallest.item())
 
 
+def pad_to_largest(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Append zero rows to each tensor so that it has as many rows as its largest counterpart on any rank.
+
+    Under FSDP every forward pass gathers parameters from all ranks, so all ranks must run the
+    same number of gradient-cache chunks. Padding every rank's images and tokens to the
+    largest count gives them that. The caller drops the padded rows' features before the loss,
+    so those rows receive zero gradient. Without a process group the tensors are returned unchanged.
+    """
+    if _world_size() == 1:
+        return tensors
+    largest = torch.tensor([tensor.shape[0] for tensor in tensors], dtype=torch.long, device=tensors[0].device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return tuple(_pad_rows(tensor, int(rows)) for tensor, rows in zip(tensors, largest.tolist()))
+
+
 def agree_on_stop(stop: bool, device: torch.device) -> bool:
     """Return rank 0's ``stop`` on every rank, so that all ranks leave a training loop together."""
     if _world_size() == 1:
@@ -260,3 +297,141 @@ def agree_on_stop(stop: bool, device: torch.device) -> bool:
     decision = torch.tensor([int(stop)], dtype=torch.long, device=device)
     dist.broadcast(decision, src=0)
     return bool(decision.item())
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Return whether ``fully_shard`` (FSDP2) has been applied to ``model``."""
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Shard a Florence model in place with FSDP2 over all ranks (ZeRO-3), and return it.
+
+    Each CoSwin block and each text Transformer block becomes one FSDP unit, whose parameters
+    are all-gathered just before the block runs and freed after it. The root unit contains
+    everything else: the patch and stage embeddings, the token and positional embeddings, the
+    final norms and both projections. Gradients are reduce-scattered and averaged over the ranks,
+    so every rank keeps only its shard of each parameter, gradient and optimizer state.
+
+    ``encode_image`` and ``encode_text`` are registered as forward methods, so calling them
+    gathers the root's parameters as ``forward`` does. ``fully_shard`` rejects 0-dim
+    parameters, so the logit scale (one float) stays a plain parameter replicated on every
+    rank. Its gradient is the same on every rank, because every rank computes the same global
+    loss, and ``average_gradients`` keeps the copies identical. Every rank starts from rank
+    0's weights. The model must already be on ``device``.
+    """
+    broadcast_parameters(model)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for stage in model.visual.layers:
+        for block in stage.blocks:
+            fully_shard(block, mesh=mesh)
+    for block in model.text.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params={model.logit_scale})
+
+    register_fsdp_forward_method(model, "encode_image")
+    register_fsdp_forward_method(model, "encode_text")
+    return model
+
+
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale gradients so that their total L2 norm is at most ``max_norm``; return the norm before clipping.
+
+    Equals ``torch.nn.utils.clip_grad_norm_`` without FSDP. With FSDP-sharded gradients
+    (DTensors) next to replicated ones (the logit scale), each kind is summed on its own: the
+    squared norm of the sharded gradients is reduced over the ranks, and the replicated ones
+    count once. The result is the norm of the full gradient, the same plain tensor on every rank.
+    """
+    with_grad = [parameter for parameter in parameters if parameter.grad is not None]
+    sharded = [parameter for parameter in with_grad if isinstance(parameter.grad, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+
+    replicated = [parameter for parameter in with_grad if not isinstance(parameter.grad, DTensor)]
+    squared_norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in sharded]).full_tensor().square()
+    if replicated:
+        squared_norm = squared_norm + torch.nn.utils.get_total_norm([parameter.grad for parameter in replicated]).square()
+    total_norm = squared_norm.sqrt()
+
+    torch.nn.utils.clip_grads_with_norm_(sharded, max_norm, total_norm)
+    if replicated:
+        torch.nn.utils.clip_grads_with_norm_(replicated, max_norm, total_norm)
+    return total_norm
+
+
+def _full_state_dict_options(**options: bool) -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, **options)
+
+
+def gather_full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Gather the full (unsharded) model and optimizer state dicts of an FSDP model onto rank 0's CPU.
+
+    Every rank must call this, because each parameter is all-gathered from all ranks. Rank 0
+    returns the model state dict with the names and shapes of an unsharded model, and the
+    optimizer state dict in ``optimizer.state_dict()`` form (parameters numbered in
+    ``param_groups`` order), so both load into a single-process model and optimizer. The other
+    ranks return empty dicts. Without ``optimizer`` the second value is None. Entries of
+    parameters that are not sharded (the logit scale) and of buffers may be the model's own CPU
+    tensors, so copy them if the model changes before they are used.
+    """
+    options = _full_state_dict_options(cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return model_state, None
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not optimizer_state:
+        return model_state, {}
+    return model_state, _number_parameters(optimizer_state)
+
+
+def load_full_state_dicts(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+) -> None:
+    """Load full state dicts, as a single-process run saves them, into an FSDP model and its optimizer.
+
+    Every rank must call this with the full dicts; each keeps its own shard. ``optimizer_state``
+    has the ``optimizer.state_dict()`` form, with parameters numbered in ``param_groups`` order.
+
+    Raises:
+        RuntimeError: a parameter is missing from ``model_state`` or not in the model.
+        ValueError: ``optimizer_state`` has a different number of parameters than ``optimizer``.
+    """
+    options = _full_state_dict_options()
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, _name_parameters(optimizer_state, model, optimizer), options=options)
+
+
+def _number_parameters(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """Key an optimizer state dict by parameter number instead of parameter name, as ``Optimizer.state_dict`` does."""
+    numbers: dict[str, int] = {}
+    groups = []
+    for group in optimizer_state["param_groups"]:
+        group_numbers = [numbers.setdefault(name, len(numbers)) for name in group["params"]]
+        groups.append({**group, "params": group_numbers})
+    state = {numbers[name]: value for name, value in optimizer_state["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def _name_parameters(
+    optimizer_state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Key an ``Optimizer.state_dict``-form dict by parameter name, in the order of ``optimizer``'s groups."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    ordered = [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    expected = len(ordered)
+    found = sum(len(group["params"]) for group in optimizer_state["param_groups"])
+    if found != expected:
+        raise ValueError(
+            f"the optimizer state has {found} parameters but the optimizer has {expected}; "
+            "resume with the model and config that wrote the checkpoint"
+        )
+    groups = [
+        {**group, "params": [ordered[number] for number in group["params"]]} for group in optimizer_state["param_groups"]
+    ]
+    state = {ordered[number]: value for number, value in optimizer_state["state"].items()}
+    return {"state": state, "param_groups": groups}

@@ -33,8 +33,12 @@ from florence.training.distributed import (
     agree_on_stop,
     average_gradients,
     broadcast_parameters,
+    clip_grad_norm,
+    gather_full_state_dicts,
     global_unicl_loss,
     init_distributed,
+    pad_to_largest,
+    shard_model,
     smallest_batch_size,
 )
 from florence.training.grad_cache import backward_with_grad_cache
@@ -86,6 +90,9 @@ class Trainer:
             load_pretrained(self.model, config.init_from)
             _logger.info("initialised the weights from %s", config.init_from)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
+        self.sharded = self.distributed.is_distributed and config.strategy == "fsdp"
+        if config.strategy == "fsdp" and not self.distributed.is_distributed:
+            _logger.info("strategy=fsdp has no effect in a single-process run")
         self.ddp = self._wrap_distributed()
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.optim.weight_decay),
@@ -111,9 +118,13 @@ class Trainer:
         """Wrap the model in DistributedDataParallel in a multi-process run without gradient cache.
 
         The gradient cache runs several backward passes per step, so there the ranks start from
-        rank 0's weights and the trainer averages gradients itself once per step.
+        rank 0's weights and the trainer averages gradients itself once per step. With
+        ``strategy=fsdp`` the model is sharded in place instead and None is returned.
         """
         if not self.distributed.is_distributed:
+            return None
+        if self.sharded:
+            shard_model(self.model, self.device)
             return None
         if self.config.grad_cache_chunk > 0:
             broadcast_parameters(self.model)
@@ -174,9 +185,12 @@ class Trainer:
         Under fp16 the gradients are those of the scaled loss; the returned loss is unscaled.
         """
         if self.config.grad_cache_chunk > 0:
+            num_images = images.shape[0]
+            if self.sharded:
+                images, tokens = pad_to_largest(images, tokens)
 
             def compute_loss(image_features, text_features, logit_scale):
-                loss = global_unicl_loss(image_features, text_features[inverse], labels, logit_scale)
+                loss = global_unicl_loss(image_features[:num_images], text_features[inverse], labels, logit_scale)
                 return self.scaler.scale(loss)
 
             scaled_loss = backward_with_grad_cache(
@@ -185,13 +199,17 @@ class Trainer:
             average_gradients(self.model)
             return scaled_loss / self.scaler.get_scale() if self.scaler.is_enabled() else scaled_loss
 
-        if self.ddp is not None:
+        if self.ddp is not None or self.sharded:
             # The forward pass must go through the DistributedDataParallel wrapper, which
-            # prepares the gradient all-reduce of the backward pass.
+            # prepares the gradient all-reduce of the backward pass, or under FSDP through the
+            # root's forward, which gathers the root's parameters.
+            module = self.ddp if self.ddp is not None else self.model
             with self._autocast():
-                image_features, text_features, logit_scale = self.ddp(images, tokens)
+                image_features, text_features, logit_scale = module(images, tokens)
             loss = global_unicl_loss(image_features, text_features[inverse], labels, logit_scale)
             self.scaler.scale(loss).backward()
+            if self.sharded:
+                average_gradients(self.model)
             return loss
 
         with self._autocast():
@@ -222,7 +240,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._forward_backward(images, tokens, inverse.to(self.device), labels).item()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip))
+        grad_norm = float(clip_grad_norm(self.model.parameters(), config.optim.grad_clip))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.scaler.step(self.optimizer)
@@ -278,7 +296,14 @@ class Trainer:
         )
 
     def save_checkpoint(self) -> None:
-        """Write a training checkpoint from rank 0, the only rank that writes in a multi-process run."""
+        """Write a training checkpoint from rank 0, the only rank that writes in a multi-process run.
+
+        Under FSDP every rank must call this, because the full weights and optimizer state are
+        gathered from all ranks onto rank 0 first.
+        """
+        model_state = optimizer_state = None
+        if self.sharded:
+            model_state, optimizer_state = gather_full_state_dicts(self.model, self.optimizer)
         if not self.distributed.is_main_process:
             return
         self.state.grad_scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
@@ -289,12 +314,34 @@ class Trainer:
             self.state,
             to_dict(self.config),
             keep=self.config.keep_checkpoints,
+            model_state_dict=model_state,
+            optimizer_state_dict=optimizer_state,
         )
+
+    def full_model(self) -> torch.nn.Module | None:
+        """Return a model with all weights in place, for evaluation and the final weights file.
+
+        Without FSDP this is the training model itself. Under FSDP every rank must call this:
+        the full state dict is gathered onto rank 0, which returns an unsharded copy on its
+        device, and the other ranks return None.
+        """
+        if not self.sharded:
+            return self.model
+        model_state, _ = gather_full_state_dicts(self.model)
+        if not self.distributed.is_main_process:
+            return None
+        # NOTE: rank 0 then keeps the full weights twice, on the CPU and on its device, so the
+        # model itself (without gradients or optimizer state) must fit on one device.
+        copy = create_model(self.config.model, device=self.device, **self.config.model_overrides)
+        copy.load_state_dict(model_state)
+        return copy
 
     def fit(self, evaluate=None, stop_after: int | None = None) -> dict[str, Any]:
         """Train until ``config.steps`` (or ``max_seconds``); return the final metrics.
 
-        ``evaluate(model, step) -> dict`` runs every ``eval.every`` steps and at the end.
+        ``evaluate(model, step) -> dict`` runs on rank 0 every ``eval.every`` steps and at the
+        end. Under FSDP every rank must pass an ``evaluate`` (the other ranks' is not called),
+        because all ranks take part in gathering the model that rank 0 evaluates.
         ``stop_after`` ends the run at that step as an interruption would, after a checkpoint;
         the learning-rate schedule still spans ``config.steps``.
         """
@@ -357,9 +404,11 @@ class Trainer:
                 self._count_nonfinite(values)
                 if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
-                if evaluate and main_process and config.eval.every and self.state.step % config.eval.every == 0:
-                    metrics.write(self.state.step, evaluate(self.model, self.state.step))
-                    self.model.train()
+                if evaluate and config.eval.every and self.state.step % config.eval.every == 0:
+                    eval_model = self.full_model()
+                    if main_process:
+                        metrics.write(self.state.step, evaluate(eval_model, self.state.step))
+                        self.model.train()
                 # Rank 0 decides, so that all ranks stop after the same step.
                 if config.max_seconds and agree_on_stop(time.perf_counter() - start > config.max_seconds, self.device):
                     _logger.info("stopping at step %d: max_seconds=%s reached", self.state.step, config.max_seconds)
@@ -371,8 +420,9 @@ class Trainer:
 
         train_seconds = time.perf_counter() - start
         self.save_checkpoint()
+        final_model = self.full_model()
         if main_process:
-            save_weights(self.model, self.output_dir / "model.safetensors")
+            save_weights(final_model, self.output_dir / "model.safetensors")
         results: dict[str, Any] = {
             "step": self.state.step,
             "train_seconds": train_seconds,
@@ -381,7 +431,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
         }
         if evaluate and main_process:
-            results.update(evaluate(self.model, self.state.step))
+            results.update(evaluate(final_model, self.state.step))
         if metrics is not None:
             metrics.write(self.state.step, results)
             metrics.close()

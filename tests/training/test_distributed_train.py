@@ -25,7 +25,6 @@ TINY_OVERRIDES = [
 ]
 
 
-
 def test_grad_cache_step_matches_plain_step(tmp_path):
     trainers = {
         chunk: Trainer(
@@ -56,6 +55,23 @@ def test_negative_grad_cache_chunk_rejected():
         load_config(QUICKSTART, [*TINY_OVERRIDES, "grad_cache_chunk=-1"])
 
 
+def test_unknown_strategy_rejected():
+    with pytest.raises(ValueError, match="strategy='zero' is invalid; valid strategies: ddp, fsdp"):
+        load_config(QUICKSTART, [*TINY_OVERRIDES, "strategy=zero"])
+
+
+def test_fsdp_ignored_in_one_process(tmp_path):
+    config = load_config(QUICKSTART, [*TINY_OVERRIDES, f"output_dir={tmp_path}", "strategy=fsdp", "data.batch_size=4"])
+    trainer = Trainer(config)
+    _, loader = trainer._loader()
+    images, texts, labels, _ = next(iter(loader))
+
+    values = trainer.train_step(images, texts, labels)
+
+    assert not trainer.sharded
+    assert values["grad_norm"] > 0
+
+
 @pytest.fixture(scope="module")
 def single_process_losses(tmp_path_factory) -> list[float]:
     """Return the per-step losses of one process training on batches of 16."""
@@ -66,10 +82,14 @@ def single_process_losses(tmp_path_factory) -> list[float]:
     return [record["loss"] for record in records if "loss" in record]
 
 
-@pytest.mark.parametrize("grad_cache_chunk", [0, 4])
-def test_torchrun_two_processes_train(tmp_path, single_process_losses, grad_cache_chunk):
+@pytest.mark.parametrize(
+    ("strategy", "grad_cache_chunk", "grad_checkpointing"),
+    [("ddp", 0, False), ("ddp", 4, False), ("fsdp", 0, False), ("fsdp", 3, True)],
+)
+def test_torchrun_two_processes_train(tmp_path, single_process_losses, strategy, grad_cache_chunk, grad_checkpointing):
     # Rank r reads rows 8r to 8r + 7 of each global batch of 16, with the same per-sample
-    # augmentation, so the two ranks together see the single process's batches.
+    # augmentation, so the two ranks together see the single process's batches. Gradient
+    # checkpointing and the gradient cache change memory use, not the result.
     output_dir = tmp_path / "run"
     command = [
         sys.executable,
@@ -89,6 +109,8 @@ def test_torchrun_two_processes_train(tmp_path, single_process_losses, grad_cach
         "log_every=1",
         "data.batch_size=8",
         f"grad_cache_chunk={grad_cache_chunk}",
+        f"grad_checkpointing={str(grad_checkpointing).lower()}",
+        f"strategy={strategy}",
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
 
