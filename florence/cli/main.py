@@ -130,8 +130,9 @@ def _run_train(args) -> int:
 
     trainer = Trainer(config)
     results = trainer.fit(evaluate=build_evaluator(config, trainer.tokenizer))
-    _print_results(results)
-    print(f"weights: {Path(config.output_dir) / 'model.safetensors'}")
+    if trainer.distributed.is_main_process:
+        _print_results(results)
+        print(f"weights: {Path(config.output_dir) / 'model.safetensors'}")
     return 0
 
 

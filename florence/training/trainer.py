@@ -261,14 +261,7 @@ class Trainer:
         return values
 
     def _count_nonfinite(self, values: dict[str, float]) -> None:
-        """Count a skipped non-finite step; after ``max_nonfinite_steps`` in a row, checkpoint and stop.
-
-        The checkpoint holds the weights of the last finite step, since skipped steps change
-        nothing, at the data position after the bad batches, so ``--resume`` continues past them.
-
-        Raises:
-            FloatingPointError: ``max_nonfinite_steps`` steps in a row were not finite.
-        """
+        """Count and log a skipped non-finite step, or reset the count of such steps in a row."""
         if not values["nonfinite"]:
             self.nonfinite_in_a_row = 0
             return
@@ -286,6 +279,17 @@ class Trainer:
             self.nonfinite_in_a_row,
             limit,
         )
+
+    def _stop_after_nonfinite_limit(self) -> None:
+        """Checkpoint and stop after ``max_nonfinite_steps`` non-finite steps in a row.
+
+        The checkpoint holds the weights of the last finite step, since skipped steps change
+        nothing, at the data position after the bad batches, so ``--resume`` continues past them.
+
+        Raises:
+            FloatingPointError: ``max_nonfinite_steps`` steps in a row were not finite.
+        """
+        limit = self.config.max_nonfinite_steps
         if self.nonfinite_in_a_row < limit:
             return
         self.save_checkpoint()
@@ -382,6 +386,7 @@ class Trainer:
                 # An estimate of the global count: ranks that skipped unreadable images hold fewer.
                 window_images += images.shape[0] * self.distributed.world_size
                 last = values
+                self._count_nonfinite(values)
 
                 if self.state.step % config.log_every == 0 or self.state.step == end_step:
                     now = time.perf_counter()
@@ -401,7 +406,7 @@ class Trainer:
                     )
                 progress.update(1)
 
-                self._count_nonfinite(values)
+                self._stop_after_nonfinite_limit()
                 if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
                 if evaluate and config.eval.every and self.state.step % config.eval.every == 0:

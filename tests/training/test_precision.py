@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,8 @@ def test_nonfinite_steps_in_a_row_stop_with_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="3 steps in a row, up to step 3"):
         trainer.fit()
 
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["nonfinite_steps"] for record in records] == [1, 2, 3]
     checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert checkpoint is not None and checkpoint.name == "step_0000003"
     restored = dict(load_model(checkpoint / "model.safetensors").named_parameters())
