@@ -60,6 +60,7 @@ DEFAULT_INDEX_NAME = "index.json"
 # Image formats whose bytes go into the shard unchanged, with the member extension for each.
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _TAR_BLOCK = 512
+_MAX_WARNINGS = 20
 
 
 @dataclass
@@ -289,7 +290,7 @@ class _ShardWriter:
         self.pattern = pattern
         self.max_samples = max_samples
         self.max_bytes = max_bytes
-        self.warned = 0
+        self.skipped = 0
 
     def write(self, shard_number: int, order: np.ndarray, first: int, key_start: int, limit: int | None) -> ShardRecord:
         """Write the next shard from ``order[first:]`` and return its record.
@@ -305,7 +306,7 @@ class _ShardWriter:
 
         with open(temporary, "wb") as stream:
             # A fixed mtime makes shards written from the same data byte-identical.
-            with webdataset.TarWriter(stream, encoder=False, mtime=0.0) as tar:
+            with webdataset.TarWriter(stream, encoder=False, mtime=0) as tar:
                 while position < len(order) and samples < capacity and size < self.max_bytes:
                     sample = self._read(int(order[position]))
                     position += 1
@@ -328,10 +329,11 @@ class _ShardWriter:
         try:
             return self.reader.read(position)
         except (*IMAGE_LOAD_ERRORS, KeyError) as err:
-            self.warned += 1
-            _logger.warning(
-                "skipped unreadable image %s: %s (%d skipped so far)", self.reader.describe(position), err, self.warned
-            )
+            self.skipped += 1
+            level = logging.WARNING if self.skipped <= _MAX_WARNINGS else logging.DEBUG
+            _logger.log(level, "skipped unreadable image %s: %s", self.reader.describe(position), err)
+            if self.skipped == _MAX_WARNINGS:
+                _logger.warning("%d unreadable images so far; logging further ones at debug level (-v)", self.skipped)
             return None
 
     @staticmethod

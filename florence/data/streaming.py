@@ -58,6 +58,7 @@ __all__ = [
     "ShardedImageText",
     "epoch_slots",
     "resolve_shards",
+    "shards_from_urls",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def count_samples(url: str) -> int:
     return sum(1 for _ in webdataset.tarfile_samples([{"url": url}]))
 
 
-def resolve_shards(urls: str | Sequence[str], index: str | None = None) -> list[tuple[str, int]]:
+def resolve_shards(urls: str | os.PathLike[str] | Sequence[str], index: str | None = None) -> list[tuple[str, int]]:
     """Return (url, sample count) for every shard that ``urls`` names.
 
     ``urls`` is a folder or index file written by ``florence data shards``, a brace pattern such
@@ -137,6 +138,8 @@ def resolve_shards(urls: str | Sequence[str], index: str | None = None) -> list[
     from ``index`` (a path or URL), else from the index file next to local shards. Without an
     index every shard is read once to count its samples, which is slow for remote shards.
     """
+    if isinstance(urls, os.PathLike):
+        urls = os.fspath(urls)
     if isinstance(urls, str) and index is None:
         local = Path(urls)
         if local.is_dir() or (local.is_file() and local.suffix == ".json"):
@@ -168,6 +171,21 @@ def resolve_shards(urls: str | Sequence[str], index: str | None = None) -> list[
     counts = {shard.name: shard.samples for shard in found.shards}
     names = list(counts)
     return [(url, counts[_matching_name(url, names, str(index_location))]) for url in url_list]
+
+
+def shards_from_urls(
+    urls: str | os.PathLike[str] | Sequence[str],
+    index: str | None = None,
+    templates: Sequence[str] | None = None,
+    first_id: int = 0,
+) -> list[Shard]:
+    """Return the shards that ``urls`` names (see ``resolve_shards``), numbering samples from ``first_id``."""
+    shards = []
+    offset = first_id
+    for url, samples in resolve_shards(urls, index):
+        shards.append(Shard(url, samples, offset, None if templates is None else tuple(templates)))
+        offset += samples
+    return shards
 
 
 def epoch_slots(

@@ -13,7 +13,7 @@ from florence.data.sources import (
     CocoCaptionSource,
     ImageTextSource,
 )
-from florence.data.streaming import Shard, ShardedImageText, resolve_shards
+from florence.data.streaming import Shard, ShardedImageText, shards_from_urls
 from florence.data.templates import TRAIN_TEMPLATES
 from florence.data.transforms import RandomResizedCropFlip
 
@@ -88,12 +88,10 @@ def build_sharded_dataset(config: TrainConfig) -> ShardedImageText:
                 f"a webdataset training source needs urls: a shard folder, a brace pattern such as "
                 f"shards/train-{{000000..000009}}.tar, or a list of them; got {entry.urls!r}"
             )
-        templates = TEMPLATE_SETS[entry.templates]
-        found = resolve_shards(entry.urls, entry.index)
-        for url, samples in found:
-            shards.append(Shard(url, samples, offset, None if templates is None else tuple(templates)))
-            offset += samples
-        _logger.info("training shards %s: %d shards, %d samples", entry.urls, len(found), sum(n for _, n in found))
+        found = shards_from_urls(entry.urls, entry.index, TEMPLATE_SETS[entry.templates], first_id=offset)
+        offset += sum(shard.samples for shard in found)
+        shards.extend(found)
+        _logger.info("training shards %s: %d shards, %d samples", entry.urls, len(found), sum(s.samples for s in found))
 
     # One shuffle buffer mixes the samples of every source, so it takes the largest size given.
     transform = RandomResizedCropFlip(config.data.image_size, scale=config.data.crop_scale)
