@@ -105,8 +105,10 @@ def _add_data(subparsers) -> None:
         "index of sample counts, from the data.train sources of --config or from one source given by "
         "--type and its path options. A rerun with the same settings keeps finished shards.",
     )
+
     shards.add_argument("--config", help="training config whose data.train sources are written")
     shards.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of --config, e.g. data.train.0.root=...")
+
     shards.add_argument("--type", choices=["classification", "captions", "coco"], help="type of a single source to write")
     shards.add_argument("--root", help="classification: folder with one subfolder per class")
     shards.add_argument("--path", help="captions: CSV/TSV/JSONL; coco: caption JSON; classification: CSV of path,class_name")
@@ -116,6 +118,7 @@ def _add_data(subparsers) -> None:
     shards.add_argument("--split", choices=["train", "test"], help="captions/coco: keep this part of a seeded image split")
     shards.add_argument("--split-sizes", help="N_TRAIN,N_TEST for --split, e.g. 600,200")
     shards.add_argument("--split-seed", type=int, default=0, help="seed of the image split (default: 0)")
+
     shards.add_argument("--output", required=True, help="folder for the shards and the index")
     shards.add_argument("--pattern", default="train-%06d.tar", help="shard file name with a %%d field (default: train-%%06d.tar)")
     shards.add_argument("--index-name", default="index.json", help="file name of the index in --output (default: index.json)")
@@ -124,6 +127,7 @@ def _add_data(subparsers) -> None:
     shards.add_argument("--limit", type=int, help="write only the first N samples of the shuffled order")
     shards.add_argument("--seed", type=int, default=0, help="seed of the sample order (default: 0)")
     shards.add_argument("--no-shuffle", action="store_true", help="keep the sources' sample order instead of shuffling")
+
     shards.set_defaults(func=_run_data_shards, parser=shards)
 
 

@@ -8,7 +8,7 @@ Each sample is three tar members that share a key, written by webdataset's ``Tar
   class-labelled image.
 - ``<key>.json``: ``path`` (where the image came from) and, when the source has one, the label:
   ``label`` for a caption table's label column, or ``class`` and ``class_index`` for a
-  class-labelled image. A ``class`` entry tells the reader to fill a prompt template with the
+  class-labelled image. For a ``class`` entry the reader fills a prompt template with the
   class name at read time, so the same shards serve training with and without templates.
 
 The index file (``index.json`` by default) lists every shard with its sample count, so a
@@ -67,7 +67,7 @@ _MAX_WARNINGS = 20
 class ShardRecord:
     """One finished shard. ``first`` and ``end`` are positions in the writer's sample order.
 
-    The shard holds the readable images among positions ``first`` to ``end - 1``, and
+    The shard contains the readable images among positions ``first`` to ``end - 1``, and
     ``skipped`` counts the unreadable ones there.
     """
 
@@ -295,8 +295,8 @@ class _ShardWriter:
     def write(self, shard_number: int, order: np.ndarray, first: int, key_start: int, limit: int | None) -> ShardRecord:
         """Write the next shard from ``order[first:]`` and return its record.
 
-        The shard ends when it holds ``max_samples`` samples, reaches ``max_bytes``, holds
-        ``limit`` samples or ``order`` ends. Keys continue from ``key_start``.
+        The shard ends when it contains ``max_samples`` or ``limit`` samples, when it reaches
+        ``max_bytes``, or when ``order`` ends. Keys continue from ``key_start``.
         """
         name = self.pattern % shard_number
         final = self.output_dir / name
@@ -356,7 +356,7 @@ def _resume_point(index_path: Path, output_dir: Path, settings: dict[str, Any]) 
     if previous.settings != settings:
         changed = sorted(key for key in settings.keys() | previous.settings.keys() if settings.get(key) != previous.settings.get(key))
         raise ValueError(
-            f"{output_dir} holds shards written with other settings (changed: {', '.join(changed)}). "
+            f"{output_dir} contains shards written with other settings (changed: {', '.join(changed)}). "
             f"Write to a new folder, or delete {output_dir} to start over"
         )
 
