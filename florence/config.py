@@ -21,13 +21,16 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass
 class SourceConfig:
-    """One training source. ``type`` is ``classification``, ``captions`` or ``coco``.
+    """One training source. ``type`` is ``classification``, ``captions``, ``coco`` or ``webdataset``.
 
     classification: ``root`` is a folder per class, or ``path`` a CSV whose images may sit in
     the zip ``archive``. ``templates`` names a template set: ``train`` for CLIP's 80 ImageNet
     templates plus "{}.", or ``none`` for raw class names.
     captions: ``path`` is a CSV, TSV or JSONL with ``image`` and ``caption`` columns.
     coco: ``path`` is a COCO caption JSON and ``image_root`` its image folder.
+    webdataset: ``urls`` names tar shards (a folder written by ``florence data shards``, a
+    brace pattern, a list, or ``pipe:``/``https:`` URLs) and ``index`` optionally the index file
+    with their sample counts. ``templates`` applies to the class-labelled samples in them.
     """
 
     type: str = "classification"
@@ -42,6 +45,10 @@ class SourceConfig:
     split: str | None = None
     split_sizes: list[int] = field(default_factory=list)
     split_seed: int = 0
+    # webdataset only. ``urls`` is a string or a list of strings, so it is not converted.
+    urls: Any = None
+    index: str | None = None
+    shuffle_buffer: int = 1000
 
 
 @dataclass
@@ -148,8 +155,10 @@ class TrainConfig:
         if not self.data.train:
             raise ValueError("data.train is empty; list at least one source (see florence/configs/quickstart.yaml)")
         for source in self.data.train:
-            if source.type not in ("classification", "captions", "coco"):
-                raise ValueError(f"data.train source type {source.type!r} is invalid; use classification, captions or coco")
+            if source.type not in ("classification", "captions", "coco", "webdataset"):
+                raise ValueError(
+                    f"data.train source type {source.type!r} is invalid; use classification, captions, coco or webdataset"
+                )
 
 
 def _field_types(cls: type) -> dict[str, Any]:

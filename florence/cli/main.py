@@ -1,4 +1,4 @@
-"""The ``florence`` command: train, eval, classify, models."""
+"""The ``florence`` command: train, eval, classify, models, data."""
 
 from __future__ import annotations
 
@@ -103,6 +103,43 @@ def _add_models(subparsers) -> None:
     parser.set_defaults(func=_run_models, parser=parser)
 
 
+def _add_data(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="prepare training data")
+    commands = parser.add_subparsers(dest="data_command", required=True, parser_class=ArgumentParser)
+    shards = commands.add_parser(
+        "shards",
+        parents=[_verbose_parent()],
+        help="write training sources to tar shards for streaming",
+        description="Write tar shards in the img2dataset layout (<key>.jpg, <key>.txt, <key>.json) and an "
+        "index of sample counts, from the data.train sources of --config or from one source given by "
+        "--type and its path options. A rerun with the same settings keeps finished shards.",
+    )
+
+    shards.add_argument("--config", help="training config whose data.train sources are written")
+    shards.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of --config, e.g. data.train.0.root=...")
+
+    shards.add_argument("--type", choices=["classification", "captions", "coco"], help="type of a single source to write")
+    shards.add_argument("--root", help="classification: folder with one subfolder per class")
+    shards.add_argument("--path", help="captions: CSV/TSV/JSONL; coco: caption JSON; classification: CSV of path,class_name")
+    shards.add_argument("--archive", help="classification: zip archive that the CSV paths point into")
+    shards.add_argument("--classes-file", help="classification: class names, one per line, in label order")
+    shards.add_argument("--image-root", help="captions/coco: folder the image paths are relative to")
+    shards.add_argument("--split", choices=["train", "test"], help="captions/coco: keep this part of a seeded image split")
+    shards.add_argument("--split-sizes", help="N_TRAIN,N_TEST for --split, e.g. 600,200")
+    shards.add_argument("--split-seed", type=int, default=0, help="seed of the image split (default: 0)")
+
+    shards.add_argument("--output", required=True, help="folder for the shards and the index")
+    shards.add_argument("--pattern", default="train-%06d.tar", help="shard file name with a %%d field (default: train-%%06d.tar)")
+    shards.add_argument("--index-name", default="index.json", help="file name of the index in --output (default: index.json)")
+    shards.add_argument("--max-samples", type=int, default=10_000, help="maximum samples per shard (default: 10000)")
+    shards.add_argument("--max-size-mb", type=float, default=1000.0, help="close a shard once it reaches this size in MB (default: 1000)")
+    shards.add_argument("--limit", type=int, help="write only the first N samples of the shuffled order")
+    shards.add_argument("--seed", type=int, default=0, help="seed of the sample order (default: 0)")
+    shards.add_argument("--no-shuffle", action="store_true", help="keep the sources' sample order instead of shuffling")
+
+    shards.set_defaults(func=_run_data_shards, parser=shards)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="florence", description="Florence vision foundation model toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -111,6 +148,7 @@ def build_parser() -> ArgumentParser:
     _add_eval(subparsers)
     _add_classify(subparsers)
     _add_models(subparsers)
+    _add_data(subparsers)
     return parser
 
 
@@ -215,6 +253,62 @@ def _run_classify(args) -> int:
         print(path)
         for label, probability in ranking[: args.top]:
             print(f"  {probability * 100:6.2f}%  {label}")
+    return 0
+
+
+def _shard_source_configs(args) -> list:
+    """Return the SourceConfig entries that ``florence data shards`` writes."""
+    from florence.config import SourceConfig, load_config
+
+    single = args.type is not None
+    if args.config is not None and single:
+        raise ValueError("give either --config or --type with its path options, not both")
+    if args.config is None and not single:
+        raise ValueError("give --config (write its data.train sources) or --type with --root or --path (write one source)")
+    if args.overrides and not args.config:
+        raise ValueError(f"overrides {' '.join(args.overrides)} need --config")
+
+    if single:
+        return [
+            SourceConfig(
+                type=args.type,
+                root=args.root,
+                path=args.path,
+                archive=args.archive,
+                image_root=args.image_root,
+                classes_file=args.classes_file,
+                split=args.split,
+                split_sizes=_parse_sizes(args.split_sizes),
+                split_seed=args.split_seed,
+            )
+        ]
+    config = load_config(args.config, args.overrides)
+    streamed = [entry.urls for entry in config.data.train if entry.type == "webdataset"]
+    if streamed:
+        raise ValueError(f"{args.config} already trains from shards ({', '.join(map(str, streamed))}); there is nothing to write")
+    return config.data.train
+
+
+def _run_data_shards(args) -> int:
+    from florence.data.shards import write_shards
+    from florence.training.data import build_source
+
+    sources = [build_source(entry) for entry in _shard_source_configs(args)]
+    index = write_shards(
+        sources,
+        args.output,
+        pattern=args.pattern,
+        max_samples=args.max_samples,
+        max_size_mb=args.max_size_mb,
+        seed=args.seed,
+        shuffle=not args.no_shuffle,
+        limit=args.limit,
+        index_name=args.index_name,
+    )
+    print(f"shards: {len(index.shards)}")
+    print(f"samples: {index.total_samples}")
+    print(f"skipped: {index.skipped}")
+    print(f"index: {Path(args.output) / args.index_name}")
     return 0
 
 

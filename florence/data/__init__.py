@@ -8,6 +8,7 @@ from florence.data.dataset import (
     collate_image_text,
 )
 from florence.data.labels import text_label
+from florence.data.shards import ShardIndex, read_shard_index, write_shards
 from florence.data.sources import (
     CaptionSource,
     ClassificationSource,
@@ -16,6 +17,7 @@ from florence.data.sources import (
     ImageTextSource,
     class_prompt_name,
 )
+from florence.data.streaming import Shard, ShardedImageText, ShardStream, resolve_shards
 from florence.data.templates import IMAGENET_TEMPLATES, TRAIN_TEMPLATES
 from florence.data.transforms import (
     OPENAI_DATASET_MEAN,
@@ -38,9 +40,16 @@ __all__ = [
     "ImageTextPairSource",
     "ImageTextSource",
     "RetrievalDataset",
+    "Shard",
+    "ShardIndex",
+    "ShardStream",
+    "ShardedImageText",
     "build_eval_transform",
     "build_train_transform",
     "class_prompt_name",
     "collate_image_text",
+    "read_shard_index",
+    "resolve_shards",
     "text_label",
+    "write_shards",
 ]

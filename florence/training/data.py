@@ -7,7 +7,13 @@ from pathlib import Path
 
 from florence.config import SourceConfig, TrainConfig
 from florence.data.dataset import ImageTextDataset, RetrievalDataset
-from florence.data.sources import CaptionSource, ClassificationSource, CocoCaptionSource, ImageTextSource
+from florence.data.sources import (
+    CaptionSource,
+    ClassificationSource,
+    CocoCaptionSource,
+    ImageTextSource,
+)
+from florence.data.streaming import Shard, ShardedImageText, shards_from_urls
 from florence.data.templates import TRAIN_TEMPLATES
 from florence.data.transforms import RandomResizedCropFlip
 
@@ -40,9 +46,10 @@ def split_retrieval(dataset: RetrievalDataset, split: str | None, sizes: list[in
 
 def build_source(source: SourceConfig) -> ImageTextSource:
     """Turn one ``data.train`` entry into an image-text-label source."""
+    if source.type == "webdataset":
+        raise ValueError("a webdataset source streams tar shards and has no sample list; it cannot be read as files")
     if source.type == "classification":
-        if source.templates not in TEMPLATE_SETS:
-            raise ValueError(f"templates={source.templates!r} is invalid; use one of {', '.join(TEMPLATE_SETS)}")
+        _check_templates(source)
         location = source.root or source.path
         if source.archive is None:
             _existing(location, "root (or path)", source)
@@ -65,7 +72,51 @@ def build_source(source: SourceConfig) -> ImageTextSource:
     return dataset.to_source()
 
 
-def build_train_dataset(config: TrainConfig) -> ImageTextDataset:
+def _check_templates(source: SourceConfig) -> None:
+    if source.templates not in TEMPLATE_SETS:
+        raise ValueError(f"templates={source.templates!r} is invalid; use one of {', '.join(TEMPLATE_SETS)}")
+
+
+def build_sharded_dataset(config: TrainConfig) -> ShardedImageText:
+    """Build the streaming dataset of a config whose ``data.train`` lists only webdataset sources."""
+    shards: list[Shard] = []
+    offset = 0
+    for entry in config.data.train:
+        _check_templates(entry)
+        if not entry.urls or not isinstance(entry.urls, (str, list)):
+            raise ValueError(
+                f"a webdataset training source needs urls: a shard folder, a brace pattern such as "
+                f"shards/train-{{000000..000009}}.tar, or a list of them; got {entry.urls!r}"
+            )
+        found = shards_from_urls(entry.urls, entry.index, TEMPLATE_SETS[entry.templates], first_id=offset)
+        offset += sum(shard.samples for shard in found)
+        shards.extend(found)
+        _logger.info("training shards %s: %d shards, %d samples", entry.urls, len(found), sum(s.samples for s in found))
+
+    # One shuffle buffer mixes the samples of every source, so it takes the largest size given.
+    transform = RandomResizedCropFlip(config.data.image_size, scale=config.data.crop_scale)
+    return ShardedImageText(
+        shards,
+        transform,
+        strict=config.data.strict,
+        seed=config.seed,
+        shuffle_buffer=max(entry.shuffle_buffer for entry in config.data.train),
+    )
+
+
+def build_train_dataset(config: TrainConfig) -> ImageTextDataset | ShardedImageText:
+    """Build the training data: a map-style dataset over files, or a stream of tar shards."""
+    streamed = [entry.type == "webdataset" for entry in config.data.train]
+    if any(streamed) and not all(streamed):
+        others = sorted({entry.type for entry in config.data.train if entry.type != "webdataset"})
+        raise ValueError(
+            f"data.train mixes webdataset sources with {', '.join(others)} sources, but a run reads "
+            f"either tar shards or files. Write the other sources to shards with `florence data "
+            f"shards --config ...` and list those shards instead"
+        )
+    if all(streamed):
+        return build_sharded_dataset(config)
+
     sources = [build_source(source) for source in config.data.train]
     for entry, source in zip(config.data.train, sources):
         _logger.info("training source %s %s: %d samples", entry.type, entry.root or entry.path, len(source))

@@ -28,6 +28,7 @@ from florence.training.checkpointing import (
     save_training_checkpoint,
 )
 from florence.data.dataset import collate_image_text
+from florence.data.streaming import ShardedImageText, ShardStream
 from florence.training.data import build_train_dataset
 from florence.training.distributed import (
     agree_on_stop,
@@ -147,7 +148,27 @@ class Trainer:
         if self.state.grad_scaler is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(self.state.grad_scaler)
 
-    def _loader(self) -> tuple[ResumableBatchSampler, DataLoader]:
+    def _loader(self) -> tuple[ResumableBatchSampler | ShardStream, DataLoader]:
+        """Return the loader from the current data position and what maps batches to positions."""
+        if isinstance(self.dataset, ShardedImageText):
+            stream = self.dataset.stream(
+                self.config.data.batch_size,
+                rank=self.distributed.rank,
+                world_size=self.distributed.world_size,
+                num_workers=self.config.data.num_workers,
+                epoch=self.state.epoch,
+                batch_in_epoch=self.state.batch_in_epoch,
+            )
+            # The stream's workers yield whole batches, and the DataLoader takes them in turn.
+            loader = DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.config.data.num_workers,
+                persistent_workers=False,
+                generator=torch.Generator().manual_seed(self.config.seed),
+            )
+            return stream, loader
+
         sampler = ResumableBatchSampler(
             len(self.dataset),
             self.config.data.batch_size,
