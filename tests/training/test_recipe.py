@@ -5,6 +5,7 @@ import torch
 
 from florence.checkpoint import load_model
 from florence.config import load_config
+from florence.models import create_model
 from florence.models.layers import resize_relative_position_bias_table
 from florence.training.trainer import Trainer
 from tests.tiny import tiny_model_override
@@ -70,3 +71,17 @@ def test_init_from_missing_file_names_path(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nothing/model.safetensors"):
         Trainer(load_config(RECIPE / "tiny_stage2.yaml", [f"init_from={missing}", tiny_model_override()]))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_full_size_recipe_configs_build(stage):
+    config = load_config(RECIPE / f"florence_h_stage{stage}.yaml")
+    model = create_model(config.model, device="meta", **config.model_overrides)
+
+    assert config.strategy == "fsdp"
+    assert config.data.batch_size * 512 == 24576
+    assert config.data.train[0].type == "webdataset"
+    assert config.data.train[0].templates == ("train" if stage == 1 else "none")
+    assert model.visual.img_size == ((384, 384) if stage == 3 else (224, 224))
+    assert model.visual.window_size == ((12, 12) if stage == 3 else (7, 7))
+    assert config.data.image_size == model.visual.img_size[0]
