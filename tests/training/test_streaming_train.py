@@ -1,3 +1,7 @@
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +78,45 @@ def test_mixed_shards_and_files_rejected(shards, tmp_path):
 
     with pytest.raises(ValueError, match="mixes webdataset sources with classification"):
         Trainer(config)
+
+
+def test_torchrun_fsdp_fp16_from_shards(shards, tmp_path):
+    # Two ranks read disjoint slots of the shards, with a DataLoader worker each, under FSDP
+    # with fp16 loss scaling: the combination a cluster run of the full-size recipe uses.
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "florence.cli.main",
+        "train",
+        "--config",
+        str(QUICKSTART_CONFIG),
+        "--strategy",
+        "fsdp",
+        f"output_dir={output_dir}",
+        "steps=6",
+        "log_every=1",
+        "precision=fp16",
+        "data.batch_size=8",
+        "data.num_workers=1",
+        f"data.train=[{{type: webdataset, urls: '{shards}', templates: train, shuffle_buffer: 50}}]",
+        "eval.zeroshot=null",
+        tiny_model_override(),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    result = subprocess.run(command, check=False, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in records if "loss" in record]
+    assert [record["step"] for record in steps] == [1, 2, 3, 4, 5, 6]
+    assert all("loss_scale" in record for record in steps)
+    assert any(record["nonfinite"] == 0.0 for record in steps)
+    weights = load_file(output_dir / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
