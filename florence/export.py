@@ -16,9 +16,12 @@ traced with a text that fills the whole context: the exported graph always runs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -113,8 +116,27 @@ def _export_onnx(tower: nn.Module, example: torch.Tensor, input_name: str, path:
     return path
 
 
+@contextlib.contextmanager
+def _plain_token_permutation() -> Iterator[None]:
+    """Run CoSwin's window token permutation as a plain ``index_select`` while tracing.
+
+    CoSwin permutes tokens with a custom autograd Function (for a faster backward pass), and
+    TorchScript cannot save a graph that calls one. Its forward is ``index_select`` along dim 1,
+    so the traced graph computes the same values.
+    """
+    from florence.models import layers
+
+    def index_select(x: torch.Tensor, permutation: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, permutation)
+
+    # NOTE: patches a private class for the duration of the trace; not safe while another
+    # thread runs the model.
+    with mock.patch.object(layers._PermuteTokens, "apply", staticmethod(index_select)):
+        yield
+
+
 def _export_torchscript(tower: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    with torch.no_grad():
+    with torch.no_grad(), _plain_token_permutation():
         traced = torch.jit.trace(tower, (example,), check_trace=False)
     traced.save(str(path))
     return path

@@ -109,29 +109,31 @@ class BodySizeLimit:
             return
 
         received = 0
-        started = False
+        exceeded = False
 
         async def counting_receive():
-            nonlocal received
+            nonlocal received, exceeded
             event = await receive()
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
                 if received > self.max_bytes:
+                    exceeded = True
                     raise _BodyTooLarge
             return event
 
-        async def tracking_send(event):
-            nonlocal started
-            if event["type"] == "http.response.start":
-                started = True
-            await send(event)
+        async def guarded_send(event):
+            # FastAPI turns errors raised while reading the body into its own 400 response,
+            # which is dropped here in favour of the 413 below.
+            if not exceeded:
+                await send(event)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, guarded_send)
         except _BodyTooLarge:
+            pass
+        if exceeded:
             _logger.warning("%s %s: 413 %s", scope["method"], scope["path"], message)
-            if not started:
-                await _error_response(413, message)(scope, receive, send)
+            await _error_response(413, message)(scope, receive, send)
 
 
 def _error_response(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -214,6 +216,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         message = str(error.detail)
+        if isinstance(error.__cause__, _BodyTooLarge):
+            return _error_response(413, "request body is too large")  # BodySizeLimit replaces and logs it
         if error.status_code == 404 and message == "Not Found":
             message = f"no route {request.url.path}; see /docs for the API"
         _logger.warning("%s %s: %d %s", request.method, request.url.path, error.status_code, message)
