@@ -26,7 +26,7 @@ pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install 'fl
 
 def florence_cli(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "florence.cli.main", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
