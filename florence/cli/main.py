@@ -1,4 +1,4 @@
-"""The ``florence`` command: train, eval, classify, models, data."""
+"""The ``florence`` command: train, eval, classify, models, data, embed, index, search, serve, export."""
 
 from __future__ import annotations
 
@@ -140,6 +140,97 @@ def _add_data(subparsers) -> None:
     shards.set_defaults(func=_run_data_shards, parser=shards)
 
 
+def _add_embed(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "embed",
+        parents=[_verbose_parent()],
+        help="embed images (and texts) into a Parquet embeddings folder",
+        description="Embed images from files, folders, globs, CSV/TSV files with a path column, or .tar "
+        "shards, and texts from --texts, into Parquet parts in --out. A rerun with the same --out embeds "
+        "only what is not there yet; unreadable images are listed and skipped.",
+    )
+    parser.add_argument("inputs", nargs="*", metavar="PATH", help="image files, folders, globs, CSV/TSV files or .tar shards")
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--out", required=True, help="embeddings folder (created if missing, resumed if present)")
+    parser.add_argument("--texts", help="text file with one text to embed per line")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--rows-per-part", type=int, default=1024, help="rows per Parquet part, the unit of resuming (default: 1024)")
+    parser.add_argument("--max-pixels", type=int, help="skip images with more pixels than this (default: PIL's decompression-bomb limit)")
+    parser.set_defaults(func=_run_embed, parser=parser)
+
+
+def _add_index(subparsers) -> None:
+    parser = subparsers.add_parser("index", help="build a FAISS index of embeddings")
+    commands = parser.add_subparsers(dest="index_command", required=True, parser_class=ArgumentParser)
+    build = commands.add_parser(
+        "build",
+        parents=[_verbose_parent()],
+        help="build a FAISS index from an embeddings folder",
+        description="Index the image embeddings of a 'florence embed' folder. --kind auto uses exact search "
+        "(flat) up to --exact-max vectors and an HNSW graph above.",
+    )
+    build.add_argument("embeddings", help="embeddings folder written by 'florence embed'")
+    build.add_argument("--out", required=True, help="index folder")
+    build.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf"], help="index kind (default: auto)")
+    build.add_argument("--exact-max", type=int, help="largest collection that auto indexes exactly (default: 100000)")
+    build.add_argument("--hnsw-m", type=int, default=32, help="hnsw: neighbours per node (default: 32)")
+    build.add_argument("--ef-search", type=int, default=128, help="hnsw: candidate list size at search time (default: 128)")
+    build.add_argument("--nlist", type=int, help="ivf: number of k-means cells (default: about 4 * sqrt(N))")
+    build.add_argument("--nprobe", type=int, default=16, help="ivf: cells searched per query (default: 16)")
+    build.set_defaults(func=_run_index_build, parser=build)
+
+
+def _add_search(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "search",
+        parents=[_verbose_parent()],
+        help="search an index by text or by image",
+        description="Print the k indexed images most similar to a text query or to --image, with cosine scores.",
+    )
+    parser.add_argument("query", nargs="?", help='text query, e.g. "a dog on a beach"')
+    parser.add_argument("--image", help="search with this image instead of a text")
+    parser.add_argument("--index", required=True, help="index folder written by 'florence index build'")
+    parser.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
+    parser.add_argument("--checkpoint", help="model.safetensors (default: the checkpoint the index was built with)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON lines")
+    parser.set_defaults(func=_run_search, parser=parser)
+
+
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        parents=[_verbose_parent()],
+        help="serve the HTTP API and web page",
+        description="Serve embedding, zero-shot classification and (with --index) search over HTTP with "
+        "FastAPI under uvicorn, and a web page at /. The API schema is at /openapi.json.",
+    )
+    parser.add_argument("--checkpoint", help=f"model.safetensors (default: the index's checkpoint, else {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--index", help="index folder; without it the search routes return 503")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind, 0 for any free port (default: 8000)")
+    parser.add_argument("--templates", default="simple", help="prompt templates of /classify: heldout, imagenet, simple or a file (default: simple)")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default: 10)")
+    parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest uploaded image in pixels (default: 40000000)")
+    parser.add_argument("--max-labels", type=int, default=100, help="most labels per /classify request (default: 100)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="most requests per model batch (default: 32)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests, in ms (default: 5)")
+    parser.set_defaults(func=_run_serve, parser=parser)
+
+
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        parents=[_verbose_parent()],
+        help="export the image and text towers to ONNX or TorchScript",
+        description="Write image_tower and text_tower files with a dynamic batch axis, and export.json "
+        "describing their inputs and outputs.",
+    )
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="export format (default: onnx)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.set_defaults(func=_run_export, parser=parser)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="florence", description="Florence vision foundation model toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -149,6 +240,11 @@ def build_parser() -> ArgumentParser:
     _add_classify(subparsers)
     _add_models(subparsers)
     _add_data(subparsers)
+    _add_embed(subparsers)
+    _add_index(subparsers)
+    _add_search(subparsers)
+    _add_serve(subparsers)
+    _add_export(subparsers)
     return parser
 
 
@@ -321,6 +417,134 @@ def _run_models(args) -> int:
         image = count_parameters(model.visual) + model.image_projection.weight.numel()
         text = count_parameters(model.text) + model.text_projection.weight.numel()
         print(f"{name:<16}{image / 1e6:>10.1f}{text / 1e6:>10.1f}{count_parameters(model) / 1e6:>10.1f}")
+    return 0
+
+
+def _run_embed(args) -> int:
+    from florence.serving.collection import list_images
+    from florence.serving.embed import (
+        DEFAULT_MAX_PIXELS,
+        Embedder,
+        EmbeddingStore,
+        build_manifest,
+        embed_images,
+        embed_texts,
+    )
+
+    if not args.inputs and not args.texts:
+        raise ValueError("nothing to embed; pass image PATHs, --texts FILE, or both")
+    sources = list_images(args.inputs)
+    texts = []
+    if args.texts:
+        texts = [line.strip() for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.inputs and not sources:
+        raise ValueError(f"no images found in {' '.join(args.inputs)}; image names must end in .jpg, .png, .webp or similar")
+
+    embedder = Embedder.from_checkpoint(args.checkpoint)
+    store = EmbeddingStore(args.out)
+    store.open_for(build_manifest(embedder, args.checkpoint))
+    images = embed_images(
+        embedder,
+        sources,
+        store,
+        batch_size=args.batch_size,
+        rows_per_part=args.rows_per_part,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+    )
+    print(f"images: {images.written} embedded now, {images.already_done} already in {args.out}, {len(images.failed)} unreadable")
+    for source, error in images.failed:
+        print(f"  unreadable: {source}: {error}")
+    if texts:
+        text_summary = embed_texts(embedder, texts, store)
+        print(f"texts: {text_summary.written} embedded now, {text_summary.already_done} already in {args.out}")
+    print(f"embeddings: {args.out}")
+    return 0
+
+
+def _run_index_build(args) -> int:
+    from florence.serving.index import DEFAULT_EXACT_MAX, IndexParams, build_index
+
+    params = IndexParams(hnsw_m=args.hnsw_m, ef_search=args.ef_search, nlist=args.nlist, nprobe=args.nprobe)
+    exact_max = DEFAULT_EXACT_MAX if args.exact_max is None else args.exact_max
+    index = build_index(args.embeddings, kind=args.kind, exact_max=exact_max, params=params)
+    index.save(args.out)
+    print(f"index: {args.out} ({index.kind}, {len(index)} images, size {index.dim})")
+    return 0
+
+
+def _serving_checkpoint(checkpoint: str | None, index) -> str:
+    """Return the checkpoint to embed queries with, checking that it made the index's embeddings."""
+    from florence.serving.embed import file_sha256
+
+    if index is None:
+        return checkpoint or DEFAULT_CHECKPOINT
+    if checkpoint is None:
+        checkpoint = index.meta.get("checkpoint") or DEFAULT_CHECKPOINT
+    expected = index.meta.get("checkpoint_sha256")
+    if expected and file_sha256(checkpoint) != expected:
+        raise ValueError(
+            f"checkpoint {checkpoint} is not the one the index was built with ({index.meta.get('checkpoint')}); "
+            "query and index embeddings must come from the same weights"
+        )
+    return checkpoint
+
+
+def _run_search(args) -> int:
+    from florence.serving.collection import decode_image
+    from florence.serving.embed import Embedder
+    from florence.serving.index import SearchIndex
+
+    if (args.query is None) == (args.image is None):
+        raise ValueError('give either a text query or --image FILE, e.g. florence search "a dog on a beach" --index DIR')
+    index = SearchIndex.load(args.index)
+    embedder = Embedder.from_checkpoint(_serving_checkpoint(args.checkpoint, index))
+    if args.image is not None:
+        query = embedder.encode_images([decode_image(Path(args.image).read_bytes())])
+    else:
+        query = embedder.encode_texts([args.query])
+
+    for rank, hit in enumerate(index.search(query, args.k)[0], start=1):
+        if args.json:
+            print(json.dumps({"rank": rank, "score": hit.score, "source": hit.source}))
+        else:
+            print(f"{rank:3d}  {hit.score:.4f}  {hit.source}")
+    return 0
+
+
+def _run_serve(args) -> int:
+    from florence.serving._optional import require
+    from florence.serving.app import create_app
+    from florence.serving.embed import Embedder
+    from florence.serving.index import SearchIndex
+    from florence.serving.service import BatchingSettings, ModelService, ServerLimits
+
+    uvicorn = require("uvicorn")
+    index = SearchIndex.load(args.index) if args.index else None
+    embedder = Embedder.from_checkpoint(_serving_checkpoint(args.checkpoint, index))
+    service = ModelService(
+        embedder,
+        index,
+        templates=args.templates,
+        batching=BatchingSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms),
+    )
+    limits = ServerLimits(
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_labels=args.max_labels,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        _logger.warning("binding to %s makes the server reachable from other machines; it has no authentication", args.host)
+    uvicorn.run(create_app(service, limits), host=args.host, port=args.port, log_config=None)
+    return 0
+
+
+def _run_export(args) -> int:
+    from florence.checkpoint import load_model
+    from florence.export import export_model
+
+    paths = export_model(load_model(args.checkpoint), args.out, args.format)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
     return 0
 
 

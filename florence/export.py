@@ -1,0 +1,142 @@
+"""Export the image and text towers of a Florence model to ONNX or TorchScript.
+
+Each tower maps its input to L2-normalised embeddings, as ``encode_image`` and
+``encode_text`` do, with a dynamic batch axis:
+
+- image tower: ``images`` float32 ``[batch, 3, S, S]`` (S is the model's image size,
+  preprocessed as ``florence.data.transforms.build_eval_transform`` does) to ``embeddings``
+  float32 ``[batch, embed_dim]``;
+- text tower: ``tokens`` int64 ``[batch, context_length]`` (the output of
+  ``florence.tokenizer.Tokenizer``) to ``embeddings`` float32 ``[batch, embed_dim]``.
+
+Both exports trace the model. The text tower trims a batch to its longest text, so it is
+traced with a text that fills the whole context: the exported graph always runs all
+``context_length`` positions, which gives the same embeddings because attention is causal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 17
+
+
+class ImageTower(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+
+class TextTower(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens)
+
+
+def example_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return an image batch and a token batch whose end-of-text tokens sit at the last position."""
+    from florence.evaluation.tasks import model_image_size
+    from florence.tokenizer import get_tokenizer
+
+    size = model_image_size(model)
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    tokens = get_tokenizer(model.context_length)(["photo " * model.context_length] * batch)
+    return images, tokens
+
+
+def export_model(model: nn.Module, out_dir: str | Path, fmt: str = "onnx") -> dict[str, Path]:
+    """Write ``image_tower`` and ``text_tower`` files of format ``fmt`` and an ``export.json`` into ``out_dir``.
+
+    Returns the path of each tower file. Raises ValueError for an unknown format and
+    ImportError (naming the pip extra) when ONNX export needs the onnx package.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    images, tokens = example_inputs(model)
+    towers = {"image_tower": (ImageTower(model), images, "images"), "text_tower": (TextTower(model), tokens, "tokens")}
+
+    paths = {}
+    for name, (tower, example, input_name) in towers.items():
+        if fmt == "onnx":
+            paths[name] = _export_onnx(tower, example, input_name, out_dir / f"{name}.onnx")
+        else:
+            paths[name] = _export_torchscript(tower, example, out_dir / f"{name}.pt")
+        _logger.info("exported %s to %s", name, paths[name])
+
+    description = {
+        "format": fmt,
+        "model_name": getattr(model, "model_name", type(model).__name__),
+        "embed_dim": int(model.embed_dim),
+        "image_input": {"name": "images", "shape": ["batch", *images.shape[1:]], "dtype": "float32"},
+        "text_input": {"name": "tokens", "shape": ["batch", tokens.shape[1]], "dtype": "int64"},
+        "output": {"name": "embeddings", "shape": ["batch", int(model.embed_dim)], "normalized": True},
+        "files": {name: path.name for name, path in paths.items()},
+    }
+    (out_dir / "export.json").write_text(json.dumps(description, indent=2), encoding="utf-8")
+    return paths
+
+
+def _export_onnx(tower: nn.Module, example: torch.Tensor, input_name: str, path: Path) -> Path:
+    from florence.serving._optional import require
+
+    require("onnx")
+    # The TorchScript-based exporter (dynamo=False) needs no onnxscript, and its dynamic_axes
+    # give the batch axis a symbolic size.
+    with torch.no_grad():
+        torch.onnx.export(
+            tower,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=[input_name],
+            output_names=["embeddings"],
+            dynamic_axes={input_name: {0: "batch"}, "embeddings": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _plain_token_permutation() -> Iterator[None]:
+    """Run CoSwin's window token permutation as a plain ``index_select`` while tracing.
+
+    CoSwin permutes tokens with a custom autograd Function (for a faster backward pass), and
+    TorchScript cannot save a graph that calls one. Its forward is ``index_select`` along dim 1,
+    so the traced graph computes the same values.
+    """
+    from florence.models import layers
+
+    def index_select(x: torch.Tensor, permutation: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, permutation)
+
+    # NOTE: patches a private class for the duration of the trace; not safe while another
+    # thread runs the model.
+    with mock.patch.object(layers._PermuteTokens, "apply", staticmethod(index_select)):
+        yield
+
+
+def _export_torchscript(tower: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    with torch.no_grad(), _plain_token_permutation():
+        traced = torch.jit.trace(tower, (example,), check_trace=False)
+    traced.save(str(path))
+    return path
