@@ -190,7 +190,7 @@ resolution change and the bias-table resize, not a gain from detail.
 {table}
 
 Each stage also adds training steps, so the gain of a stage mixes the change it makes with
-more training; this run shows that the chain works, not what each stage is worth. The stages
+more training. This run shows that the chain works, not what each stage is worth. The stages
 ran one after the other while other jobs shared the 2 cores, so the training seconds are not
 speed figures.
 

@@ -245,7 +245,7 @@ class Trainer:
         """Run forward, backward and one optimizer step; return the step's scalars.
 
         A step whose loss or gradient norm is not finite leaves the weights and the optimizer
-        state untouched and returns ``nonfinite=1.0``. Every rank sees the same loss and the
+        state untouched and returns ``nonfinite=1.0``. Every rank computes the same loss and the
         same (reduced) gradient norm, so all ranks skip the same steps.
         """
         config = self.config
@@ -304,7 +304,7 @@ class Trainer:
     def _stop_after_nonfinite_limit(self) -> None:
         """Checkpoint and stop after ``max_nonfinite_steps`` non-finite steps in a row.
 
-        The checkpoint holds the weights of the last finite step, since skipped steps change
+        The checkpoint contains the weights of the last finite step, since skipped steps change
         nothing, at the data position after the bad batches, so ``--resume`` continues past them.
 
         Raises:
