@@ -118,7 +118,14 @@ def format_report(results: dict[str, dict[str, float]], command: str) -> str:
             f"| {'on' if checkpointing else 'off'} | {values['peak_gib']:.2f} | {values['step_s']:.2f} "
             f"| {values['images_per_s']:.1f} |"
         )
-    lines += ["", *_ratios(results), ""]
+    lines += [
+        "",
+        *_ratios(results),
+        "",
+        "Each time is one step, so with other jobs on the machine (see the load average) the time "
+        "ratios are rough; the memory figures do not depend on load.",
+        "",
+    ]
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     lines += [
         "| setting | value |",
