@@ -122,8 +122,8 @@ def format_report(results: dict[str, dict[str, float]], command: str) -> str:
         "",
         *_ratios(results),
         "",
-        "Each time is one step, so with other jobs on the machine (see the load average) the time "
-        "ratios are rough; the memory figures do not depend on load.",
+        ("Each time is one step, so with other jobs on the machine (see the load average) the time "
+        "ratios are rough; the memory figures do not depend on load."),
         "",
     ]
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
