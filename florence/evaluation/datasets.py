@@ -110,7 +110,8 @@ def read_prompt_file(set_name: str, kind: str, language: str) -> list[str]:
     if not path.is_file():
         available = _shipped_languages(set_name, kind)
         raise FileNotFoundError(
-            f"no shipped {kind} for {set_name!r} in language {language!r} (available: {available or 'none'}); "
+            f"no shipped {kind} for {set_name!r} in language {language!r} "
+            f"(available: {', '.join(available) or 'none'}); "
             f"shipped sets: {', '.join(shipped_prompt_sets())}. Pass a file path instead"
         )
 

@@ -149,6 +149,12 @@ def open_clip_model(arch: str, weights: str | Path | None = None, seed: int = 0)
             "or the path of an open_clip model config JSON file"
         )
 
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(
+            f"open_clip weights {weights} not found; pass the path of a local .pt, .bin or "
+            f".safetensors file, or drop the ':WEIGHTS' part for a random init"
+        )
+
     torch.manual_seed(seed)
     model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=None)
     if weights is None:
@@ -156,11 +162,6 @@ def open_clip_model(arch: str, weights: str | Path | None = None, seed: int = 0)
         name = f"open_clip {arch} (random init, seed {seed})"
     else:
         weights = Path(weights)
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"open_clip weights {weights} not found; pass the path of a local .pt, .bin or "
-                f".safetensors file, or drop the ':WEIGHTS' part for a random init"
-            )
         open_clip.load_checkpoint(model, str(weights))
         fingerprint = file_fingerprint(weights)
         name = f"open_clip {arch} ({weights.name})"

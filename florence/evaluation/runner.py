@@ -341,11 +341,6 @@ def _run_few_shot(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> di
 
 
 def _run_finetune(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> dict[str, float]:
-    from florence.evaluation.finetune import finetune
-    from florence.evaluation.models import florence_model
-    from florence.evaluation.stats import classification_metrics
-    from florence.evaluation.tasks import model_image_size
-
     checkpoint = runner.model.checkpoint
     if checkpoint is None:
         raise ValueError(
@@ -354,6 +349,11 @@ def _run_finetune(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> di
         )
     if dataset.format == "wds":
         raise ValueError(f"finetune on {dataset.name!r}: WebDataset splits are not supported; use format folder or csv")
+
+    from florence.evaluation.finetune import finetune
+    from florence.evaluation.models import florence_model
+    from florence.evaluation.stats import classification_metrics
+    from florence.evaluation.tasks import model_image_size
 
     train = runner.split(dataset, "train")
     options = run.options

@@ -61,6 +61,7 @@ def flickr_dataset(images: int = 40) -> dict:
 
 
 def write_suite(folder: Path, datasets: dict, runs: list[dict], **settings) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "suite.yaml"
     suite = {"name": "test_suite", "seed": 0, "batch_size": 64, "bootstrap_samples": 50, **settings}
     suite.update({"datasets": datasets, "runs": runs})
