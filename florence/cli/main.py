@@ -112,6 +112,7 @@ def _add_benchmark(subparsers) -> None:
     )
     parser.add_argument("--output", help="output folder (default: runs/benchmark/<suite name>)")
     parser.add_argument("--rerun", action="store_true", help="run every task again, even those with an up-to-date record")
+    parser.add_argument("--device", default="cpu", help="torch device for the model, e.g. cpu or cuda (default: cpu)")
     parser.set_defaults(func=_run_benchmark, parser=parser)
 
 
@@ -247,7 +248,7 @@ def _run_benchmark(args) -> int:
     from florence.evaluation.suite import load_suite
 
     suite = load_suite(args.suite)
-    model = load_eval_model(args.model, seed=suite.seed)
+    model = load_eval_model(args.model, seed=suite.seed).to(args.device)
     output = Path(args.output) if args.output else Path("runs") / "benchmark" / suite.name
     run_suite(suite, model, output, rerun=args.rerun)
     for path in write_reports(output):

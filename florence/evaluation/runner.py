@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from florence.checkpoint import atomic_write_bytes
-from florence.evaluation._common import eval_mode
+from florence.evaluation._common import autocast, eval_mode, resolve_device
 from florence.evaluation.datasets import (
     ClassificationSplit,
     DatasetSpec,
@@ -130,6 +130,7 @@ class SuiteRunner:
             "seed": self.suite.seed,
             "bootstrap_samples": self.suite.bootstrap_samples,
             "batch_size": self.suite.batch_size,
+            "precision": self.suite.precision,
         }
 
     def _data_fingerprints(self, run: RunSpec, dataset: DatasetSpec) -> dict[str, str]:
@@ -157,7 +158,7 @@ class SuiteRunner:
         Features are cached in ``features/`` under a key made of the model fingerprint, the
         model's transform and the split's data fingerprint.
         """
-        key_text = f"{self.model.fingerprint}|{self.model.transform!r}|{split.fingerprint}"
+        key_text = f"{self.model.fingerprint}|{self.model.transform!r}|{split.fingerprint}|{self.suite.precision}"
         key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
         path = self.output_dir / "features" / f"{key}.pt"
         if path.is_file():
@@ -168,7 +169,9 @@ class SuiteRunner:
             logger.info("loaded cached features %s", path)
             return cached["features"], cached["labels"]
 
-        features, labels = encode_image_features(self.model, split.dataset, self.suite.batch_size, self.suite.num_workers)
+        features, labels = encode_image_features(
+            self.model, split.dataset, self.suite.batch_size, self.suite.num_workers, self.suite.autocast_dtype
+        )
         payload: dict[str, Any] = {"features": features, "labels": labels}
         if isinstance(split, RetrievalSplit):
             payload["captions"] = list(split.captions)
@@ -181,14 +184,21 @@ class SuiteRunner:
 
 @torch.inference_mode()
 def encode_image_features(
-    model: EvalModel, dataset: Any, batch_size: int, num_workers: int = 0
+    model: EvalModel,
+    dataset: Any,
+    batch_size: int,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Encode every image of ``dataset`` (``(image, label)`` samples) into unnormalised float32 CPU features."""
+    device = resolve_device(model, None)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     features, labels = [], []
     with eval_mode(model):
         for images, batch_labels in loader:
-            features.append(model.encode_image(images, normalize=False).float().cpu())
+            with autocast(device, autocast_dtype):
+                batch_features = model.encode_image(images.to(device), normalize=False)
+            features.append(batch_features.float().cpu())
             labels.append(torch.as_tensor(batch_labels, dtype=torch.long))
 
     if not features:
@@ -196,9 +206,18 @@ def encode_image_features(
     return torch.cat(features), torch.cat(labels)
 
 
-def zero_shot_scores(model: EvalModel, features: Tensor, classnames: list[str], templates: list[str], batch_size: int) -> Tensor:
+def zero_shot_scores(
+    model: EvalModel,
+    features: Tensor,
+    classnames: list[str],
+    templates: list[str],
+    batch_size: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
     """Return cosine similarities ``[N, C]`` between image features and the prompt-ensemble classifier."""
-    classifier = build_zero_shot_classifier(model, model.tokenizer, classnames, templates, batch_size=batch_size)
+    classifier = build_zero_shot_classifier(
+        model, model.tokenizer, classnames, templates, batch_size=batch_size, autocast_dtype=autocast_dtype
+    )
     return F.normalize(features, dim=-1) @ classifier.cpu()
 
 
@@ -207,7 +226,9 @@ def _run_zero_shot(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> d
 
     split = runner.split(dataset, "test")
     features, labels = runner.image_features(split)
-    scores = zero_shot_scores(runner.model, features, split.classes, load_templates(dataset), runner.suite.batch_size)
+    scores = zero_shot_scores(
+        runner.model, features, split.classes, load_templates(dataset), runner.suite.batch_size, runner.suite.autocast_dtype
+    )
     metrics = classification_metrics(scores, labels, seed=runner.suite.seed, samples=runner.suite.bootstrap_samples)
     metrics["num_samples"] = len(labels)
     metrics["num_templates"] = len(load_templates(dataset))
@@ -217,7 +238,13 @@ def _run_zero_shot(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> d
 def _run_retrieval(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> dict[str, float]:
     split = runner.split(dataset, "test")
     image_features, _ = runner.image_features(split)
-    text_features = encode_texts(runner.model, runner.model.tokenizer, split.captions, batch_size=runner.suite.batch_size)
+    text_features = encode_texts(
+        runner.model,
+        runner.model.tokenizer,
+        split.captions,
+        batch_size=runner.suite.batch_size,
+        autocast_dtype=runner.suite.autocast_dtype,
+    )
     image_to_text, text_to_image = retrieval_ranks(image_features, text_features.cpu(), split.caption_to_image)
     metrics = retrieval_metrics_with_ci(
         image_to_text,
@@ -380,8 +407,12 @@ def _run_finetune(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> di
 
     tuned = florence_model(str(weights))
     test = build_classification_split(dataset, dataset.test, tuned.transform, runner.suite.seed)
-    features, labels = encode_image_features(tuned, test.dataset, runner.suite.batch_size, runner.suite.num_workers)
-    scores = zero_shot_scores(tuned, features, test.classes, load_templates(dataset), runner.suite.batch_size)
+    features, labels = encode_image_features(
+        tuned, test.dataset, runner.suite.batch_size, runner.suite.num_workers, runner.suite.autocast_dtype
+    )
+    scores = zero_shot_scores(
+        tuned, features, test.classes, load_templates(dataset), runner.suite.batch_size, runner.suite.autocast_dtype
+    )
     metrics = classification_metrics(scores, labels, seed=runner.suite.seed, samples=runner.suite.bootstrap_samples)
     metrics["num_samples"] = len(labels)
     return metrics

@@ -7,6 +7,7 @@ Format (every key other than ``datasets`` and ``runs`` is optional)::
     batch_size: 256              # images per encode_image call
     num_workers: 0               # DataLoader worker processes
     bootstrap_samples: 1000      # resamples behind every 95% confidence interval
+    precision: fp32              # fp32, or bf16 / fp16 autocast for the encoders
     datasets:
       cifar10:
         format: csv              # folder | csv | coco | captions | wds
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from florence.evaluation.datasets import (
@@ -42,7 +44,8 @@ from florence.evaluation.datasets import (
     SplitSpec,
 )
 
-SUITE_KEYS = ("name", "seed", "batch_size", "num_workers", "bootstrap_samples", "datasets", "runs")
+SUITE_KEYS = ("name", "seed", "batch_size", "num_workers", "bootstrap_samples", "precision", "datasets", "runs")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DATASET_KEYS = ("format", "test", "train", "classnames", "templates", "language")
 
 # Options each task accepts, with their defaults.
@@ -93,6 +96,12 @@ class Suite:
     batch_size: int = 256
     num_workers: int = 0
     bootstrap_samples: int = 1000
+    precision: str = "fp32"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """Return the autocast dtype of ``precision``, None for fp32."""
+        return PRECISIONS[self.precision]
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -115,6 +124,10 @@ def load_suite(path: str | Path) -> Suite:
         if required not in raw:
             raise SuiteError(f"{path}: missing key {required!r}; see the format in docs/evaluation.md")
 
+    precision = raw.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise SuiteError(f"{path}: invalid precision {precision!r}; valid values: {', '.join(PRECISIONS)}")
+
     datasets = _parse_datasets(raw["datasets"], path)
     runs = _parse_runs(raw["runs"], datasets, path)
     return Suite(
@@ -126,6 +139,7 @@ def load_suite(path: str | Path) -> Suite:
         batch_size=_int_option(raw, "batch_size", 256, path, minimum=1),
         num_workers=_int_option(raw, "num_workers", 0, path, minimum=0),
         bootstrap_samples=_int_option(raw, "bootstrap_samples", 1000, path, minimum=1),
+        precision=precision,
     )
 
 

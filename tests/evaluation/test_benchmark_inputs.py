@@ -21,6 +21,7 @@ from florence.evaluation.models import load_eval_model
 from florence.evaluation.runner import run_suite
 from florence.evaluation.suite import SuiteError, load_suite
 from tests.evaluation.benchmark_helpers import (
+    REPO_ROOT,
     cifar_dataset,
     flickr_dataset,
     require_shared,
@@ -251,3 +252,12 @@ def test_florence_name_random_init_repeatable():
     assert first.fingerprint == second.fingerprint
     images = torch.zeros(1, 3, 32, 32)
     assert torch.equal(first.encode_image(images), second.encode_image(images))
+
+
+@pytest.mark.parametrize(("name", "runs"), [("shared_data", 5), ("florence_paper", 23)])
+def test_shipped_suites_load(name, runs):
+    suite = load_suite(REPO_ROOT / "suites" / f"{name}.yaml")
+
+    assert len(suite.runs) == runs
+    for dataset in suite.datasets.values():
+        assert load_templates(dataset)
