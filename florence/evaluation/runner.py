@@ -182,7 +182,9 @@ class SuiteRunner:
         return features, labels
 
 
-@torch.inference_mode()
+# no_grad rather than inference_mode: the probes fit on these features with autograd,
+# which rejects inference tensors.
+@torch.no_grad()
 def encode_image_features(
     model: EvalModel,
     dataset: Any,
@@ -358,10 +360,15 @@ def _run_few_shot(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> di
     from florence.evaluation.probe import few_shot
 
     train_features, train_labels, test_features, test_labels = _train_test_features(runner, dataset)
-    metrics = dict(
-        few_shot(
-            train_features, train_labels, test_features, test_labels, shots=run.options["shots"], seeds=run.options["seeds"]
-        )
+    metrics = few_shot(
+        train_features,
+        train_labels,
+        test_features,
+        test_labels,
+        shots=run.options["shots"],
+        seeds=run.options["seeds"],
+        l2_grid=run.options["l2_grid"],
+        bootstrap_samples=runner.suite.bootstrap_samples,
     )
     metrics["num_samples"] = len(test_labels)
     return metrics
@@ -403,6 +410,7 @@ def _run_finetune(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> di
         seed=runner.suite.seed,
         precision=options["precision"],
         templates=options["templates"],
+        extra_overrides=[f"data.num_workers={runner.suite.num_workers}"],
     )
 
     tuned = florence_model(str(weights))

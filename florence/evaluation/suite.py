@@ -53,7 +53,7 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "zeroshot": {},
     "retrieval": {"ks": [1, 5, 10]},
     "linear_probe": {"val_fraction": 0.2, "l2_grid": None},
-    "few_shot": {"shots": [1, 2, 4, 8, 16], "seeds": [0, 1, 2]},
+    "few_shot": {"shots": [1, 2, 4, 8, 16], "seeds": [0, 1, 2], "l2_grid": None},
     "knn": {"k": 20, "temperature": 0.07},
     "finetune": {
         "steps": 100,
@@ -61,7 +61,7 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
         "lr": 2e-5,
         "image_size": None,
         "precision": "fp32",
-        "templates": "imagenet",
+        "templates": "none",
     },
 }
 TRAIN_SPLIT_TASKS = ("linear_probe", "few_shot", "knn", "finetune")
