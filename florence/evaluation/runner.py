@@ -139,11 +139,11 @@ class SuiteRunner:
             fingerprints["train"] = self.split(dataset, "train").fingerprint
         return fingerprints
 
-    def split(self, dataset: DatasetSpec, which: str, task: str | None = None) -> ClassificationSplit | RetrievalSplit:
-        """Return the ``which`` split of ``dataset`` read with the model's transform, built once per runner."""
-        cache_key = (dataset.name, which)
+    def split(self, dataset: DatasetSpec, split_name: str) -> ClassificationSplit | RetrievalSplit:
+        """Return the ``split_name`` split (test or train) of ``dataset`` read with the model's transform, built once."""
+        cache_key = (dataset.name, split_name)
         if cache_key not in self._splits:
-            spec = dataset.test if which == "test" else dataset.train
+            spec = dataset.test if split_name == "test" else dataset.train
             retrieval = any(r.task == "retrieval" and r.dataset == dataset.name for r in self.suite.runs)
             if dataset.format in ("coco", "captions") or (dataset.format == "wds" and retrieval):
                 split = build_retrieval_split(dataset, spec, self.model.transform, self.suite.seed)
@@ -452,5 +452,5 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 
 
 def _headline(metrics: dict[str, float]) -> str:
-    shown = {key: round(value, 2) for key, value in metrics.items() if "_ci_" not in key and isinstance(value, float)}
-    return ", ".join(f"{key} {value}" for key, value in list(shown.items())[:6])
+    shown = {key: value for key, value in metrics.items() if "_ci_" not in key and isinstance(value, float)}
+    return ", ".join(f"{key} {value:.4g}" for key, value in list(shown.items())[:6])
