@@ -115,7 +115,7 @@ def florence_model(spec: str, seed: int = 0) -> EvalModel:
         checkpoint = path
         model = load_model(path)
         fingerprint = file_fingerprint(path)
-        name = f"{model.model_name} ({path})"
+        name = f"{model.model_name} ({_short_path(path)})"
     elif spec in list_models():
         torch.manual_seed(seed)
         model = create_model(spec)
@@ -164,7 +164,7 @@ def open_clip_model(arch: str, weights: str | Path | None = None, seed: int = 0)
         weights = Path(weights)
         open_clip.load_checkpoint(model, str(weights))
         fingerprint = file_fingerprint(weights)
-        name = f"open_clip {arch} ({weights.name})"
+        name = f"open_clip {arch} ({_short_path(weights)})"
 
     return EvalModel(model.eval(), open_clip.get_tokenizer(arch), transform, name, fingerprint)
 
@@ -200,6 +200,14 @@ def _unknown_model_message(spec: str) -> str:
         f"unknown model {spec!r}: it is neither an existing checkpoint file (relative paths start at "
         f"{Path.cwd()}) nor a florence model name ({', '.join(list_models())}); {_MODEL_FORMS}"
     )
+
+
+def _short_path(path: Path) -> str:
+    """Return ``path`` relative to the current directory when it is inside it, else its last two parts."""
+    resolved = path.resolve()
+    if resolved.is_relative_to(Path.cwd()):
+        return str(resolved.relative_to(Path.cwd()))
+    return str(Path(*resolved.parts[-2:]))
 
 
 def _register_open_clip_config(arch: str) -> str:

@@ -139,7 +139,7 @@ def write_chart(records: list[dict[str, Any]], path: Path) -> None:
     for offset, model in enumerate(models):
         positions = [index + (offset - (len(models) - 1) / 2) * width for index in range(len(labels))]
         entries = [values[model].get(label, (0.0, 0.0, 0.0)) for label in labels]
-        axes.bar(
+        bars = axes.bar(
             positions,
             [entry[0] for entry in entries],
             width,
@@ -147,6 +147,7 @@ def write_chart(records: list[dict[str, Any]], path: Path) -> None:
             capsize=3,
             label=model,
         )
+        axes.bar_label(bars, fmt="%.1f", fontsize=7, padding=3)
 
     axes.set_xticks(range(len(labels)), labels, fontsize=7)
     axes.set_ylabel("percent (95% bootstrap CI)")

@@ -34,7 +34,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from florence.checkpoint import atomic_write_bytes
-from florence.evaluation._common import autocast, eval_mode, resolve_device
+from florence.evaluation._common import (
+    autocast,
+    check_string_list,
+    eval_mode,
+    resolve_device,
+)
 from florence.evaluation.datasets import (
     ClassificationSplit,
     DatasetSpec,
@@ -44,7 +49,7 @@ from florence.evaluation.datasets import (
     load_templates,
 )
 from florence.evaluation.models import EvalModel
-from florence.evaluation.retrieval import encode_texts, retrieval_ranks
+from florence.evaluation.retrieval import retrieval_ranks
 from florence.evaluation.suite import RunSpec, Suite
 from florence.evaluation.zeroshot import build_zero_shot_classifier
 from florence.version import __version__
@@ -74,11 +79,11 @@ def model_key(model: EvalModel) -> str:
 class SuiteRunner:
     """Runs single tasks of a suite for one model, with the record and feature caches of ``output_dir``."""
 
-    def __init__(self, suite: Suite, model: EvalModel, output_dir: Path) -> None:
+    def __init__(self, suite: Suite, model: EvalModel, output_dir: str | Path) -> None:
         self.suite = suite
         self.model = model
-        self.output_dir = output_dir
-        self.record_dir = output_dir / "records" / model_key(model)
+        self.output_dir = Path(output_dir)
+        self.record_dir = self.output_dir / "records" / model_key(model)
         self._splits: dict[tuple[str, str], ClassificationSplit | RetrievalSplit] = {}
 
     def record_path(self, run: RunSpec) -> Path:
@@ -208,6 +213,38 @@ def encode_image_features(
     return torch.cat(features), torch.cat(labels)
 
 
+@torch.no_grad()
+def encode_texts_by_length(
+    model: EvalModel, texts: list[str], batch_size: int, autocast_dtype: torch.dtype | None = None
+) -> Tensor:
+    """Encode ``texts`` into L2-normalised float32 CPU features ``[N, D]``, in the order given.
+
+    The texts are tokenized once and encoded in batches of similar token length (a stable
+    sort by the number of non-padding tokens), then put back in their order. A text tower
+    that trims each batch to its longest text, as florence's does, then computes far less
+    padding: about half the time on Flickr8k captions. Each text's features do not depend
+    on its batch, up to float rounding.
+    """
+    check_string_list(texts, "texts", "a dog runs on the grass")
+    device = resolve_device(model, None)
+    tokens = model.tokenizer(list(texts))
+    order = (tokens != 0).sum(dim=1).argsort(stable=True)
+
+    features = torch.empty(0)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            with autocast(device, autocast_dtype):
+                batch_features = model.encode_text(tokens[rows].to(device), normalize=False)
+
+            batch_features = F.normalize(batch_features.float(), dim=-1).cpu()
+            if features.numel() == 0:
+                features = torch.empty(len(texts), batch_features.shape[1])
+            features[rows] = batch_features
+
+    return features
+
+
 def zero_shot_scores(
     model: EvalModel,
     features: Tensor,
@@ -240,14 +277,10 @@ def _run_zero_shot(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> d
 def _run_retrieval(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> dict[str, float]:
     split = runner.split(dataset, "test")
     image_features, _ = runner.image_features(split)
-    text_features = encode_texts(
-        runner.model,
-        runner.model.tokenizer,
-        split.captions,
-        batch_size=runner.suite.batch_size,
-        autocast_dtype=runner.suite.autocast_dtype,
+    text_features = encode_texts_by_length(
+        runner.model, split.captions, runner.suite.batch_size, runner.suite.autocast_dtype
     )
-    image_to_text, text_to_image = retrieval_ranks(image_features, text_features.cpu(), split.caption_to_image)
+    image_to_text, text_to_image = retrieval_ranks(image_features, text_features, split.caption_to_image)
     metrics = retrieval_metrics_with_ci(
         image_to_text,
         text_to_image,

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from florence.cli.main import main
 from florence.evaluation.models import load_eval_model
@@ -141,3 +142,18 @@ def test_cli_benchmark_unknown_model(tmp_path, suite_path, capsys):
     message = capsys.readouterr().err
     assert "unknown model 'florence-huge'" in message
     assert "florence-tiny" in message
+
+
+def test_length_sorted_text_encoding_matches(tmp_path):
+    from florence.evaluation.retrieval import encode_texts
+    from florence.evaluation.runner import encode_texts_by_length
+
+    suite = load_suite(write_suite(tmp_path, {"flickr": flickr_dataset(40)}, [RUNS[1]]))
+    model = load_eval_model("florence-tiny", seed=0)
+    captions = SuiteRunner(suite, model, tmp_path / "out").split(suite.datasets["flickr"], "test").captions
+
+    sorted_features = encode_texts_by_length(model, captions, batch_size=32)
+    plain_features = encode_texts(model, model.tokenizer, captions, batch_size=32)
+
+    assert sorted_features.shape == (200, 256)
+    torch.testing.assert_close(sorted_features, plain_features, rtol=0, atol=1e-5)
