@@ -203,11 +203,14 @@ def _unknown_model_message(spec: str) -> str:
 
 
 def _short_path(path: Path) -> str:
-    """Return ``path`` relative to the current directory when it is inside it, else its last two parts."""
-    resolved = path.resolve()
-    if resolved.is_relative_to(Path.cwd()):
-        return str(resolved.relative_to(Path.cwd()))
-    return str(Path(*resolved.parts[-2:]))
+    """Return ``path`` relative to the current directory when it is inside it, else its last three parts.
+
+    Symbolic links are kept as given, so the name shows the path the user passed.
+    """
+    absolute = path.absolute()
+    if absolute.is_relative_to(Path.cwd()):
+        return str(absolute.relative_to(Path.cwd()))
+    return str(Path(*absolute.parts[-3:]))
 
 
 def _register_open_clip_config(arch: str) -> str:

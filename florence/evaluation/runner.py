@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from florence.checkpoint import atomic_write_bytes
 from florence.evaluation._common import (
@@ -174,8 +174,11 @@ class SuiteRunner:
             logger.info("loaded cached features %s", path)
             return cached["features"], cached["labels"]
 
+        # NOTE: WebDataset splits are read in this process (no loader workers), because their
+        # captions and max_images count would otherwise stay in the worker processes.
+        num_workers = 0 if isinstance(split.dataset, IterableDataset) else self.suite.num_workers
         features, labels = encode_image_features(
-            self.model, split.dataset, self.suite.batch_size, self.suite.num_workers, self.suite.autocast_dtype
+            self.model, split.dataset, self.suite.batch_size, num_workers, self.suite.autocast_dtype
         )
         payload: dict[str, Any] = {"features": features, "labels": labels}
         if isinstance(split, RetrievalSplit):

@@ -105,6 +105,7 @@ def test_webdataset_retrieval(tmp_path, tiny_model, cifar_images):
             tmp_path,
             {"shards": {"format": "wds", "test": str(tmp_path / "captions-000000.tar")}},
             [{"task": "retrieval", "dataset": "shards"}],
+            num_workers=2,
         )
     )
 
