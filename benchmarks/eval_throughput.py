@@ -168,6 +168,10 @@ def format_report(rows: list[tuple], args: argparse.Namespace, suite: Suite) -> 
         "metrics; florence's also computes 1,000-sample bootstrap intervals and writes a record. "
         f"Median of {args.runs} runs per tool after one untimed warm-up run each, alternating which goes first.",
         "",
+        "Both tools run the same image and text forward passes of the same model, and these take most of the "
+        "time, so a speed-up near 1x means the rest of the pipeline (loading, tokenizing, ranking, intervals) "
+        "costs about the same. Timings on a shared machine vary by 20% or more between runs.",
+        "",
         "| task | data | images | florence (s) | clip_benchmark (s) | florence images/s | clip_benchmark images/s | speed-up | metric (florence / clip_benchmark) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
