@@ -27,15 +27,15 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
-from sklearn.metrics import balanced_accuracy_score  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import torch
+from sklearn.metrics import balanced_accuracy_score
+from torch.utils.data import DataLoader, Dataset
 
-from benchmarks._report import environment_rows, update_section  # noqa: E402
-from florence.evaluation.datasets import load_templates  # noqa: E402
-from florence.evaluation.models import EvalModel, load_eval_model  # noqa: E402
-from florence.evaluation.runner import SuiteRunner, run_suite  # noqa: E402
-from florence.evaluation.suite import RunSpec, Suite, load_suite  # noqa: E402
+from benchmarks._report import environment_rows, update_section
+from florence.evaluation.datasets import load_templates
+from florence.evaluation.models import EvalModel, load_eval_model
+from florence.evaluation.runner import SuiteRunner, run_suite
+from florence.evaluation.suite import RunSpec, Suite, load_suite
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION_TITLE = "Evaluation throughput"
@@ -162,15 +162,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_report(rows: list[tuple], args: argparse.Namespace, suite: Suite) -> str:
     lines = [
-        f"`florence benchmark` against clip_benchmark 1.6.2 on the same model (`{args.model}`) and the same "
+        (f"`florence benchmark` against clip_benchmark 1.6.2 on the same model (`{args.model}`) and the same "
         f"images, {args.precision}, batch {suite.batch_size}, {suite.num_workers} loader workers. Each time covers "
         "reading the annotations, decoding and transforming the images, encoding images and texts, and the "
         "metrics; florence's also computes 1,000-sample bootstrap intervals and writes a record. "
-        f"Median of {args.runs} runs per tool after one untimed warm-up run each, alternating which goes first.",
+        f"Median of {args.runs} runs per tool after one untimed warm-up run each, alternating which goes first."),
         "",
-        "Both tools run the same image and text forward passes of the same model, and these take most of the "
+        ("Both tools run the same image and text forward passes of the same model, and these take most of the "
         "time, so a speed-up near 1x means the rest of the pipeline (loading, tokenizing, ranking, intervals) "
-        "costs about the same. Timings on a shared machine vary by 20% or more between runs.",
+        "costs about the same. Timings on a shared machine vary by 20% or more between runs."),
         "",
         "| task | data | images | florence (s) | clip_benchmark (s) | florence images/s | clip_benchmark images/s | speed-up | metric (florence / clip_benchmark) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
