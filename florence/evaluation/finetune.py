@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from florence.checkpoint import WEIGHTS_NAME, read_metadata
-from florence.config import PRECISIONS, TrainConfig, apply_override, expand_variables, from_dict
+from florence.config import (
+    PRECISIONS,
+    TrainConfig,
+    apply_override,
+    expand_variables,
+    from_dict,
+)
 from florence.data.sources import class_prompt_name
 from florence.training.data import TEMPLATE_SETS, build_source
 

@@ -10,12 +10,12 @@ full-batch L-BFGS in torch. It minimises
 
     mean_i cross_entropy(W x_i + b, y_i) + (l2 / 2) * ||W||_F^2
 
-which equals scikit-learn's ``LogisticRegression(C=1 / (l2 * N))``. L-BFGS on the full
-batch is CLIP's choice (it used scikit-learn's L-BFGS solver) and converges in a few
-hundred iterations on cached features. Starting from zero weights, with no data shuffling,
-it makes the result a deterministic function of the inputs, unlike the SGD or AdamW
-probes of other toolkits. Torch rather than scikit-learn keeps the fit on the features'
-device and avoids a runtime dependency.
+which equals scikit-learn's ``LogisticRegression(C=1 / (l2 * N))``. CLIP fitted its probes
+with scikit-learn's L-BFGS solver (Radford et al. 2021, appendix A.3, the sweep that
+clip_benchmark's ``linear_probe.py`` imitates with AdamW). Full-batch L-BFGS from zero
+weights, with no data shuffling, makes the result a deterministic function of the inputs,
+and it converges in a few hundred iterations on cached features. Torch rather than
+scikit-learn keeps the fit on the features' device and avoids a runtime dependency.
 """
 
 from __future__ import annotations
@@ -282,9 +282,9 @@ def knn(
 
     Each of the k neighbours votes for its class with weight ``exp(cosine / temperature)``,
     the rule of Wu et al. 2018 ("Unsupervised Feature Learning via Non-Parametric Instance
-    Discrimination") that DINO's k-NN evaluation uses, with the same defaults k = 20 and
-    temperature 0.07. A k above the number of training rows uses every row. Neighbours
-    with equal similarity are taken in ``torch.topk`` order.
+    Discrimination"). The defaults k = 20 and temperature 0.07 are common choices for this
+    rule in self-supervised evaluation, not tuned here. A k above the number of training
+    rows uses every row. Neighbours with equal similarity are taken in ``torch.topk`` order.
 
     Returns:
         Summed vote weights ``[N_test, C]``; a class with no neighbour scores 0.
@@ -333,6 +333,9 @@ def fit_logistic_regression(
 
     Returns:
         ``(weight [C, D], bias [C])``, detached.
+
+    NOTE: the fit is full-batch in float64, so a float64 copy of ``features`` must fit in
+    the memory of their device (about 10 GB for 1.28M rows of 1024 features).
     """
     labels = labels.to(features.device).long()
     features = features.double()

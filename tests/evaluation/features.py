@@ -1,7 +1,7 @@
 """Frozen image features of real CIFAR-10 photos for the probe tests.
 
-The photos are the CIFAR-10 subset shipped in ``data/cifar10_quickstart``; the encoder is a
-randomly initialised open_clip CLIP seeded with 0, whose features are weak but real and
+The photos are the CIFAR-10 subset shipped in ``data/cifar10_quickstart``. The encoder is a
+randomly initialised open_clip CLIP seeded with 0, so its features are weak but real and
 repeatable. Features are computed once per process and cached.
 """
 
