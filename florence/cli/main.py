@@ -229,6 +229,26 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="export format (default: onnx)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.set_defaults(func=_run_export, parser=parser)
+def _add_benchmark(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "benchmark",
+        parents=[_verbose_parent()],
+        help="run an evaluation suite (datasets x tasks) and write records, tables and a chart",
+        description="Run every task of a suite YAML for one model. Each run writes a JSON record; runs "
+        "with an up-to-date record are skipped, so an interrupted suite resumes. Then results.csv, "
+        "results.md and results.png are written across all records in the output folder.",
+    )
+    parser.add_argument("--suite", required=True, help="suite YAML file, e.g. suites/shared_data.yaml")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a florence checkpoint (model.safetensors or its folder), a florence model name "
+        "(random init), or open_clip:ARCH[:/path/to/weights]",
+    )
+    parser.add_argument("--output", help="output folder (default: runs/benchmark/<suite name>)")
+    parser.add_argument("--rerun", action="store_true", help="run every task again, even those with an up-to-date record")
+    parser.add_argument("--device", default="cpu", help="torch device for the model, e.g. cpu or cuda (default: cpu)")
+    parser.set_defaults(func=_run_benchmark, parser=parser)
 
 
 def build_parser() -> ArgumentParser:
@@ -245,6 +265,7 @@ def build_parser() -> ArgumentParser:
     _add_search(subparsers)
     _add_serve(subparsers)
     _add_export(subparsers)
+    _add_benchmark(subparsers)
     return parser
 
 
@@ -545,6 +566,19 @@ def _run_export(args) -> int:
     paths = export_model(load_model(args.checkpoint), args.out, args.format)
     for name, path in paths.items():
         print(f"{name}: {path}")
+def _run_benchmark(args) -> int:
+    from florence.evaluation.models import load_eval_model
+    from florence.evaluation.report import write_reports
+    from florence.evaluation.runner import run_suite
+    from florence.evaluation.suite import load_suite
+
+    suite = load_suite(args.suite)
+    model = load_eval_model(args.model, seed=suite.seed).to(args.device)
+    output = Path(args.output) if args.output else Path("runs") / "benchmark" / suite.name
+    run_suite(suite, model, output, rerun=args.rerun)
+    for path in write_reports(output):
+        print(f"wrote {path}")
+    print((output / "results.md").read_text(encoding="utf-8"), end="")
     return 0
 
 
@@ -565,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"florence: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.command == "benchmark":
+            print("florence: interrupted; run the same command again to resume the suite", file=sys.stderr)
+            return 130
         print("florence: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
 

@@ -168,6 +168,28 @@ def retrieval_metrics(
 
 
 @torch.inference_mode()
+def retrieval_ranks(
+    image_features: Tensor, text_features: Tensor, caption_to_image: Sequence[int] | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Return the 0-based ranks behind ``retrieval_metrics``: per image, then per caption.
+
+    ``image_to_text[i]`` is the rank of image ``i``'s best-ranked caption among all captions
+    (``N_captions`` for an image without captions). ``text_to_image[j]`` is the rank of
+    caption ``j``'s image among all images. Ties follow the module's ranking rule, so
+    ``rank < k`` is a hit at k exactly as ``retrieval_metrics`` counts it.
+    """
+    _check_features(image_features, "image_features")
+    _check_features(text_features, "text_features")
+    device = image_features.device
+    caption_to_image = _check_caption_to_image(caption_to_image, len(text_features), len(image_features)).to(device)
+    image_features = F.normalize(image_features.float(), dim=-1)
+    text_features = F.normalize(text_features.to(device).float(), dim=-1)
+    image_to_text = _image_to_text_ranks(image_features, text_features, caption_to_image)
+    text_to_image = _text_to_image_ranks(image_features, text_features, caption_to_image)
+    return image_to_text, text_to_image
+
+
+@torch.inference_mode()
 def evaluate_retrieval(
     model: nn.Module,
     tokenizer: Tokenizer,
