@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="timed runs per model and figure, after one warm-up (default: 3; 2 with --quick)")
     parser.add_argument("--batch-size", type=int, help="inference batch (default: 32; 8 with --quick)")
     parser.add_argument("--train-batch-size", type=int, help="training step batch (default: 16; 4 with --quick)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads on CPU (default: torch's default, one per visible core)"
+    )
     parser.add_argument("--docs", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md", help="Markdown file to update")
     parser.add_argument("--no-docs", action="store_true", help="print the report only")
     args = parser.parse_args(argv)
@@ -53,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.runs = args.runs or (2 if args.quick else 3)
     args.batch_size = args.batch_size or (8 if args.quick else 32)
     args.train_batch_size = args.train_batch_size or (4 if args.quick else 16)
-    for name in ("runs", "batch_size", "train_batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("runs", "batch_size", "train_batch_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.quick:
         args.figures = [name for name in args.figures if name not in ("memory", "eval")]
@@ -168,6 +171,8 @@ def _flops_row(model_flops: flops.ModelFlops, inference_rate: float | None, trai
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = pick_device()
     load_at_start = load_average()
     # NOTE: the CUDA path (device "cuda") shares every line with the CPU path but has not been run.
