@@ -7,10 +7,10 @@ medians and the throughput ratio (above 1: florence is faster). The result is wr
 ``benchmarks.memory`` in fresh processes, and the evaluation figure runs
 ``benchmarks.eval_throughput`` when that module exists.
 
-    python -m benchmarks [--quick] [--figures NAME ...] [--runs 3] [--no-docs]
+    python -m benchmarks [--quick] [--figures NAME ...] [--runs 3] [--threads N] [--no-docs]
 
-On a machine with CUDA every model figure runs on GPU 0; otherwise on the CPU with torch's
-default thread count.
+On a machine with CUDA every model figure runs on GPU 0, otherwise on the CPU with torch's
+default thread count or ``--threads``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="inference batch (default: 32; 8 with --quick)")
     parser.add_argument("--train-batch-size", type=int, help="training step batch (default: 16; 4 with --quick)")
     parser.add_argument(
-        "--threads", type=int, help="torch threads on CPU (default: torch's default, one per visible core)"
+        "--threads", type=int, help="torch threads on CPU (default: torch's default)"
     )
     parser.add_argument("--docs", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md", help="Markdown file to update")
     parser.add_argument("--no-docs", action="store_true", help="print the report only")
@@ -125,8 +125,11 @@ def run_eval(no_docs: bool) -> list[str]:
 
 
 def comparison_row(comparison: Comparison) -> str:
-    met = "–" if comparison.goal is None else ("yes" if comparison.ratio >= comparison.goal else "**no**")
-    goal = "report" if comparison.goal is None else f"{comparison.goal:g}x"
+    if comparison.goal is None:
+        goal, met = "report", "–"
+    else:
+        goal = f"{comparison.goal:g}x"
+        met = "yes" if comparison.ratio >= comparison.goal else "**no**"
     return (
         f"| {comparison.figure} | {comparison.florence}: {comparison.florence_per_s:,.1f}/s "
         f"| {comparison.peer}: {comparison.peer_per_s:,.1f}/s | **{comparison.ratio:.2f}x** | {goal} | {met} |"

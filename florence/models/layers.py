@@ -83,9 +83,9 @@ class LayerNorm(nn.LayerNorm):
 
     Without autograd (``torch.no_grad`` or ``torch.inference_mode``), a bfloat16 input on CPU
     goes straight to PyTorch's mixed-dtype kernel, which takes float32 weights, computes in
-    float32 and writes bfloat16. That skips allocating and converting a float32 copy: with
-    torch 2.14 it took a fifth of the time on a Swin-T stage-1 map (batch 8, one thread), and
-    its output differs from the float32 copy's by at most one bfloat16 unit in the last place.
+    float32 and writes bfloat16, so no float32 copy is allocated and converted. With torch 2.14
+    it took a fifth of the time on a Swin-T stage-1 map (batch 8, one thread). Its output
+    differs from the float32 copy's by at most one bfloat16 unit in the last place.
     Training keeps the float32 copy, because that kernel's backward sums the weight and bias
     gradients with visibly less precision. Float16 inputs always take the float32 copy.
     """
