@@ -101,7 +101,11 @@ def run_tokenizer(runs: int) -> tuple[Comparison | None, str]:
 
 
 def run_memory() -> list[str]:
-    """Run the activation checkpointing pair of ``benchmarks.memory``; return a table row."""
+    """Run the activation checkpointing pair of ``benchmarks.memory``; return a table row.
+
+    ``benchmarks.memory`` runs on the CPU and measures the host's resident memory, also on a
+    machine with CUDA.
+    """
     results = {name: memory.run_case(name) for name in MEMORY_CASES}
     plain, saver = results[MEMORY_CASES[0]], results[MEMORY_CASES[1]]
     return [

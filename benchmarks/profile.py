@@ -48,6 +48,7 @@ def profile_operators(model: torch.nn.Module, images: torch.Tensor, mode: str, d
     with profile(activities=activities) as profiler:
         run_pass(model, images, mode, device)
 
+    # NOTE: the CUDA branch (device self time) has not been run; only the CPU branch has.
     times = {}
     for event in profiler.key_averages():
         self_us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
