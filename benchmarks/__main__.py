@@ -68,7 +68,7 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_tokenizer(runs: int) -> tuple[Comparison | None, str]:
+def run_tokenizer(runs: int, command: str) -> tuple[Comparison | None, str]:
     """Run the tokenizer benchmark on one thread; return its comparison and its own report.
 
     Without the COCO captions the comparison is None and the report is the reason.
@@ -96,7 +96,7 @@ def run_tokenizer(runs: int) -> tuple[Comparison | None, str]:
         peer_s=reference.wall_s,
         goal=5.0,
     )
-    report = tokenizer.format_report(captions, florence, reference, outputs_equal, "python -m benchmarks")
+    report = tokenizer.format_report(captions, florence, reference, outputs_equal, command)
     return comparison, report
 
 
@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     # NOTE: the CUDA path (device "cuda") shares every line with the CPU path but has not been run.
     _log(f"device {device}, {torch.get_num_threads()} threads, figures {', '.join(args.figures)}")
 
+    arguments = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "benchmarks", *arguments])
     rows: list[str] = []
     comparisons: dict[str, Comparison] = {}
     if "encoder" in args.figures:
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if "tokenizer" in args.figures:
         _log("tokenizer")
-        comparison, tokenizer_report = run_tokenizer(5 if not args.quick else 1)
+        comparison, tokenizer_report = run_tokenizer(5 if not args.quick else 1, command)
         if comparison is None:
             rows.append(f"| tokenizer, COCO val2017 captions | – | open_clip | not measured: {tokenizer_report} | 5x | – |")
         else:
@@ -220,8 +222,6 @@ def main(argv: list[str] | None = None) -> None:
         _log("FLOPs and matmul peak")
         flops_lines = flops_table(device, args.runs, comparisons.get("encoder-fp32"), comparisons.get("train_step"))
 
-    arguments = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "-m", "benchmarks", *arguments])
     report = format_report(rows, flops_lines, args, device, load_at_start, command)
     print(report)
     if not args.no_docs:
