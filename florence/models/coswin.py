@@ -162,10 +162,13 @@ class CoSwinStage(nn.Module):
         key = (size[0], size[1], device)
         layouts = self._layout_cache.get(key)
         if layouts is None:
-            layouts = (
-                build_window_layout(size, self.window_size, shifted=False, device=device),
-                build_window_layout(size, self.window_size, shifted=True, device=device),
-            )
+            # Layouts built under torch.inference_mode would be inference tensors, which a later
+            # training step cannot save for backward. Build them as normal tensors.
+            with torch.inference_mode(False):
+                layouts = (
+                    build_window_layout(size, self.window_size, shifted=False, device=device),
+                    build_window_layout(size, self.window_size, shifted=True, device=device),
+                )
             if len(self._layout_cache) >= _MAX_CACHED_LAYOUTS:
                 self._layout_cache.pop(next(iter(self._layout_cache)))
             self._layout_cache[key] = layouts

@@ -80,6 +80,14 @@ class LayerNorm(nn.LayerNorm):
     CUDA autocast already runs layer norm in float32, but CPU autocast runs it in bfloat16 or
     float16, whose mean and variance lose precision over wide channels. The parameters and the
     state-dict keys are those of ``nn.LayerNorm``.
+
+    Without autograd (``torch.no_grad`` or ``torch.inference_mode``), a bfloat16 input on CPU
+    goes straight to PyTorch's mixed-dtype kernel, which takes float32 weights, computes in
+    float32 and writes bfloat16, so no float32 copy is allocated and converted. With torch 2.14
+    it took a fifth of the time on a Swin-T stage-1 map (batch 8, one thread). Its output
+    differs from the float32 copy's by at most one bfloat16 unit in the last place.
+    Training keeps the float32 copy, because that kernel's backward sums the weight and bias
+    gradients with visibly less precision. Float16 inputs always take the float32 copy.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +96,8 @@ class LayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+                return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
             output = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
         return output.to(x.dtype)
 
