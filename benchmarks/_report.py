@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import tempfile
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -34,6 +35,19 @@ def environment_rows() -> list[tuple[str, str]]:
         ("Python", platform.python_version()),
         ("torch", torch.__version__),
         ("torch threads", str(torch.get_num_threads())),
+    ]
+
+
+def environment_table(command: str) -> list[str]:
+    """Return the Markdown lines of the table that ends each benchmark section: machine, load, date, command."""
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return [
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in environment_rows()),
+        f"| load average (1, 5, 15 min) at the end | {load} |",
+        f"| date | {date.today().isoformat()} |",
+        f"| command | `{command}` |",
     ]
 
 

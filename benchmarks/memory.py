@@ -27,12 +27,11 @@ import shlex
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
-from benchmarks._report import environment_rows, update_section
+from benchmarks._report import environment_table, update_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION_TITLE = "Memory savers"
@@ -126,15 +125,7 @@ def format_report(results: dict[str, dict[str, float]], command: str) -> str:
         "ratios are rough; the memory figures do not depend on load."),
         "",
     ]
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    lines += [
-        "| setting | value |",
-        "|---|---|",
-        *(f"| {name} | {value} |" for name, value in environment_rows()),
-        f"| load average (1, 5, 15 min) at the end | {load} |",
-        f"| date | {date.today().isoformat()} |",
-        f"| command | `{command}` |",
-    ]
+    lines += environment_table(command)
     return "\n".join(lines)
 
 

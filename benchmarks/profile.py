@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks._report import environment_rows, update_section
-from benchmarks._timing import autocast, load_average, pick_device
+from benchmarks._report import environment_table, update_section
+from benchmarks._timing import autocast, pick_device
 from benchmarks.encoder import IMAGE_SIZE, build_encoders
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -107,12 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *format_table(florence_times, peer_times, args.rows),
         "",
-        "| setting | value |",
-        "|---|---|",
-        *(f"| {name} | {value} |" for name, value in environment_rows()),
-        f"| load average (1, 5, 15 min) at the end | {load_average()} |",
-        f"| date | {date.today().isoformat()} |",
-        f"| command | `{command}` |",
+        *environment_table(command),
     ]
     report = "\n".join(lines)
     print(report)

@@ -20,13 +20,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
 import open_clip
 import torch
 
-from benchmarks._report import environment_rows, update_section
+from benchmarks._report import environment_table, update_section
 from florence.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -124,10 +123,10 @@ def format_report(
     """Render the Markdown report: one row per tokenizer, the ratio and the environment."""
     count = len(captions)
     lines = [
-        f"Tokenizing all {count:,} COCO val2017 captions in one call, context length 77, "
+        (f"Tokenizing all {count:,} COCO val2017 captions in one call, context length 77, "
         f"with a freshly built tokenizer per run (empty word caches). {len(florence.wall_s)} "
         "runs each, alternating which goes first; medians. Build time is reported separately "
-        "and is not part of the throughput.",
+        "and is not part of the throughput."),
         "",
         "| tokenizer | captions/s (wall) | captions/s (CPU time) | call (s) | build (s) |",
         "|---|---:|---:|---:|---:|",
@@ -143,18 +142,12 @@ def format_report(
 
     wall_ratio = statistics.median(reference.wall_s) / statistics.median(florence.wall_s)
     cpu_ratio = statistics.median(reference.cpu_s) / statistics.median(florence.cpu_s)
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     lines += [
         "",
-        f"Speed-up of florence over open_clip: **{wall_ratio:.1f}x** (wall clock), "
-        f"{cpu_ratio:.1f}x (CPU time). Identical token ids: {'yes' if outputs_equal else 'NO'}.",
+        (f"Speed-up of florence over open_clip: **{wall_ratio:.1f}x** (wall clock), "
+        f"{cpu_ratio:.1f}x (CPU time). Identical token ids: {'yes' if outputs_equal else 'NO'}."),
         "",
-        "| setting | value |",
-        "|---|---|",
-        *(f"| {name} | {value} |" for name, value in environment_rows()),
-        f"| load average (1, 5, 15 min) at the end | {load} |",
-        f"| date | {date.today().isoformat()} |",
-        f"| command | `{command}` |",
+        *environment_table(command),
     ]
     return "\n".join(lines)
 

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +7,7 @@ import torch
 from florence.config import load_config
 from florence.training.trainer import Trainer
 from tests.tiny import tiny_model_override
+from tests.torchrun import torchrun_train
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "florence" / "configs" / "quickstart.yaml"
@@ -91,16 +89,7 @@ def test_torchrun_two_processes_train(tmp_path, single_process_losses, strategy,
     # augmentation, so the two ranks together see the single process's batches. Gradient
     # checkpointing and the gradient cache change memory use, not the result.
     output_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "florence.cli.main",
-        "train",
+    result = torchrun_train(
         "--config",
         str(QUICKSTART),
         *TINY_OVERRIDES,
@@ -111,10 +100,7 @@ def test_torchrun_two_processes_train(tmp_path, single_process_losses, strategy,
         f"grad_cache_chunk={grad_cache_chunk}",
         f"grad_checkpointing={str(grad_checkpointing).lower()}",
         f"strategy={strategy}",
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    result = subprocess.run(command, check=False, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    )
 
     assert result.returncode == 0, result.stderr[-4000:]
     assert (output_dir / "model.safetensors").is_file()

@@ -1,8 +1,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,8 +29,9 @@ from florence.training.grad_cache import backward_with_grad_cache
 from florence.training.loss import unicl_loss
 from florence.training.optim import param_groups
 from florence.training.trainer import Trainer
+from tests.torchrun import torchrun_train
 from tests.training.test_distributed import SMALL, WORLD_SIZE, _free_port, _load_batch
-from tests.training.test_distributed_train import QUICKSTART, REPO, TINY_OVERRIDES
+from tests.training.test_distributed_train import QUICKSTART, TINY_OVERRIDES
 
 # Rows per rank, gradient cache chunk size (0: off) and activation checkpointing, per case.
 CASES = {
@@ -275,16 +274,7 @@ def _train_one_process(output_dir: Path, steps: int, *extra: str) -> None:
 
 def _train_fsdp(output_dir: Path, steps: int, *extra: str) -> None:
     """Run ``florence train --strategy fsdp`` in 2 Gloo processes, each with half of a global batch of 16."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(WORLD_SIZE),
-        "-m",
-        "florence.cli.main",
-        "train",
+    result = torchrun_train(
         "--strategy",
         "fsdp",
         "--config",
@@ -294,9 +284,8 @@ def _train_fsdp(output_dir: Path, steps: int, *extra: str) -> None:
         f"steps={steps}",
         "data.batch_size=8",
         *extra,
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, check=False, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +9,7 @@ from florence.config import load_config
 from florence.training.trainer import Trainer
 from tests.shard_data import write_quickstart_shards
 from tests.tiny import tiny_model_override
+from tests.torchrun import torchrun_train
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART_CONFIG = REPO / "florence" / "configs" / "quickstart.yaml"
@@ -84,16 +82,7 @@ def test_torchrun_fsdp_fp16_from_shards(shards, tmp_path):
     # Two ranks read disjoint slots of the shards, with a DataLoader worker each, under FSDP
     # with fp16 loss scaling: the combination a cluster run of the full-size recipe uses.
     output_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "florence.cli.main",
-        "train",
+    result = torchrun_train(
         "--config",
         str(QUICKSTART_CONFIG),
         "--strategy",
@@ -107,10 +96,7 @@ def test_torchrun_fsdp_fp16_from_shards(shards, tmp_path):
         f"data.train=[{{type: webdataset, urls: '{shards}', templates: train, shuffle_buffer: 50}}]",
         "eval.zeroshot=null",
         tiny_model_override(),
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    result = subprocess.run(command, check=False, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    )
 
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]

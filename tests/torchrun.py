@@ -1,0 +1,30 @@
+"""Launch ``florence train`` in 2 real Gloo processes through torchrun, as a user would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_SIZE = 2
+
+
+def torchrun_train(*arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``torchrun --standalone --nproc_per_node 2 -m florence.cli.main train ARGUMENTS`` from the repository root.
+
+    Each process uses one thread. The caller checks ``returncode`` and reads ``stderr``.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        "-m",
+        "florence.cli.main",
+        "train",
+        *arguments,
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, check=False, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
