@@ -110,6 +110,7 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, strict: bool = Tru
     path = _weights_path(path)
     state = read_weights(path)
     targets = model.state_dict()
+    resized: set[tuple[int, int]] = set()
     for name, table in state.items():
         if not name.endswith("relative_position_bias_table") or name not in targets:
             continue
@@ -119,7 +120,21 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, strict: bool = Tru
         old_window = _window_of_table(table.shape[0], name)
         new_window = _window_of_table(target.shape[0], name)
         state[name] = resize_relative_position_bias_table(table, (old_window,) * 2, (new_window,) * 2)
-        _logger.debug("%s: resized %s from window %d to %d", path, name, old_window, new_window)
+        resized.add((old_window, new_window))
+    for old_window, new_window in sorted(resized):
+        _logger.info("%s: resized relative position bias tables from window %d to %d", path, old_window, new_window)
+
+    mismatched = [
+        name for name, tensor in state.items() if name in targets and tensor.shape != targets[name].shape
+    ]
+    if mismatched:
+        source = read_metadata(path).get("model_name", "an unnamed model")
+        raise ValueError(
+            f"{path} holds {source} weights, whose shapes differ from the model being trained in "
+            f"{len(mismatched)} tensors (first: {mismatched[0]} {tuple(state[mismatched[0]].shape)} against "
+            f"{tuple(targets[mismatched[0]].shape)}); set model (and model_overrides) to the checkpoint's "
+            "architecture, or start without init_from"
+        )
     return _load_state(model, state, path, strict)
 
 

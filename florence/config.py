@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -263,7 +262,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: invalid YAML: {error}") from error
         if not isinstance(values, dict):
             raise ValueError(f"{path} must contain a mapping of config keys, got {type(values).__name__}")
     for override in overrides or []:

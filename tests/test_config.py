@@ -57,3 +57,11 @@ def test_shared_data_variable_expands(monkeypatch, tmp_path):
 def test_missing_config_file_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.yaml"):
         load_config(tmp_path / "nothing.yaml")
+
+
+def test_invalid_yaml_names_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("steps: [1\n")
+
+    with pytest.raises(ValueError, match="broken.yaml: invalid YAML"):
+        load_config(path)

@@ -592,18 +592,38 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Imported here, not at the top, so that `florence --help` does not load torch.
+    from florence.data.dataset import ImageLoadError
+    from florence.data.streaming import ShardReadError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImageLoadError, ShardReadError) as error:
         _logger.debug("command failed", exc_info=True)
-        print(f"florence: error: {error}", file=sys.stderr)
+        print(f"florence: error: {_error_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command == "benchmark":
-            print("florence: interrupted; run the same command again to resume the suite", file=sys.stderr)
-            return 130
-        print("florence: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        hint = _RESUME_HINTS.get(args.command)
+        print("florence: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
+
+
+# What a user does after Ctrl-C, per command.
+_RESUME_HINTS = {
+    "train": "rerun with --resume to continue from the last checkpoint",
+    "benchmark": "run the same command again to resume the suite",
+    "data": "run the same command again to keep the finished shards and write the rest",
+    "embed": "run the same command again to embed only what is missing",
+}
+
+
+def _error_message(error: Exception) -> str:
+    """Return an error's message; for one re-raised from a DataLoader worker, its original last line."""
+    message = str(error)
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message
 
 
 if __name__ == "__main__":

@@ -145,8 +145,8 @@ class ImageTextDataset(Dataset):
     def _handle_bad_image(self, path: str, err: Exception) -> None:
         if self.strict:
             raise ImageLoadError(
-                f"failed to load image {path}: {err}. Fix or remove the file, or pass "
-                f"strict=False to skip unreadable images"
+                f"failed to load image {path}: {err}. Fix or remove the file, or set "
+                f"data.strict=false (strict=False in Python) to skip unreadable images"
             ) from err
 
         self.num_skipped += 1

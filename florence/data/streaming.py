@@ -73,6 +73,10 @@ _SHUFFLE_STREAM = 2
 Batch = tuple[torch.Tensor, list[str], torch.Tensor, int]
 
 
+# Warnings per process about skipped samples; the rest go to the debug log.
+MAX_SKIP_WARNINGS = 20
+
+
 class ShardReadError(RuntimeError):
     """A shard cannot be opened or its tar stream is corrupt."""
 
@@ -476,15 +480,20 @@ class ShardStream(IterableDataset):
 
     def _skip(self, where: str, reason: str) -> None:
         self.num_skipped += 1
-        if where not in self._warned:
-            self._warned.add(where)
-            _logger.warning(
-                "skipped unreadable %s: %s (%d skipped so far in process %d)",
-                where,
-                reason,
-                self.num_skipped,
-                os.getpid(),
-            )
+        if where in self._warned:
+            return
+        self._warned.add(where)
+        if len(self._warned) == MAX_SKIP_WARNINGS + 1:
+            _logger.warning("more than %d unreadable samples; logging the rest at debug level", MAX_SKIP_WARNINGS)
+        level = logging.WARNING if len(self._warned) <= MAX_SKIP_WARNINGS else logging.DEBUG
+        _logger.log(
+            level,
+            "skipped unreadable %s: %s (%d skipped so far in process %d)",
+            where,
+            reason,
+            self.num_skipped,
+            os.getpid(),
+        )
 
 
 def _members(sample: dict[str, Any]) -> str:

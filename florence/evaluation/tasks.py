@@ -16,7 +16,11 @@ from florence.data.dataset import ClassificationDataset, RetrievalDataset
 from florence.data.transforms import build_eval_transform
 from florence.evaluation.retrieval import evaluate_retrieval
 from florence.evaluation.templates import resolve_templates
-from florence.evaluation.zeroshot import build_zero_shot_classifier, classify, zero_shot_accuracy
+from florence.evaluation.zeroshot import (
+    build_zero_shot_classifier,
+    classify,
+    zero_shot_accuracy,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ def run_zero_shot(
     """Zero-shot top-1/top-5 of ``model`` on a folder per class (or a CSV of path + label)."""
     transform = build_eval_transform(model_image_size(model))
     dataset = ClassificationDataset(root, transform, archive=archive, classes_file=classes_file)
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images={max_images} is invalid; pass a positive number of images, or null for all")
     if max_images is not None and max_images < len(dataset):
         dataset_view = Subset(dataset, subset_indices(len(dataset), max_images))
     else:

@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from florence.checkpoint import load_pretrained, save_weights
 from florence.config import TrainConfig, to_dict
+from florence.data.dataset import collate_image_text
+from florence.data.streaming import ShardedImageText, ShardStream
 from florence.data.transforms import normalize_batch
 from florence.models import count_parameters, create_model
 from florence.tokenizer import get_tokenizer
@@ -27,8 +29,6 @@ from florence.training.checkpointing import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from florence.data.dataset import collate_image_text
-from florence.data.streaming import ShardedImageText, ShardStream
 from florence.training.data import build_train_dataset
 from florence.training.distributed import (
     agree_on_stop,
@@ -101,6 +101,8 @@ class Trainer:
             betas=config.optim.betas,
             eps=config.optim.eps,
         )
+        if config.precision == "fp16" and self.device.type == "cpu":
+            _logger.warning("precision=fp16 is slow on the CPU, which lacks fast float16 matmuls; use bf16 there")
         # Dynamic loss scaling keeps float16 gradients from underflowing; a no-op otherwise.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.dataset = build_train_dataset(config)
@@ -139,6 +141,12 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         if not self.config.resume:
+            if latest_checkpoint(self.checkpoint_dir) is not None:
+                _logger.warning(
+                    "%s already has checkpoints; this run starts at step 0 and overwrites them "
+                    "(pass --resume to continue instead, or choose another output_dir)",
+                    self.checkpoint_dir,
+                )
             return
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
@@ -445,7 +453,8 @@ class Trainer:
             batches = None
 
         train_seconds = time.perf_counter() - start
-        self.save_checkpoint()
+        if not (config.checkpoint_every and self.state.step % config.checkpoint_every == 0):
+            self.save_checkpoint()
         final_model = self.full_model()
         if main_process:
             save_weights(final_model, self.output_dir / "model.safetensors")

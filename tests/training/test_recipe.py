@@ -85,3 +85,15 @@ def test_full_size_recipe_configs_build(stage):
     assert model.visual.img_size == ((384, 384) if stage == 3 else (224, 224))
     assert model.visual.window_size == ((12, 12) if stage == 3 else (7, 7))
     assert config.data.image_size == model.visual.img_size[0]
+
+
+def test_init_from_other_architecture_names_models(tmp_path):
+    _run_stage(1, tmp_path, tiny_model_override())
+
+    with pytest.raises(ValueError, match="holds florence-tiny weights, whose shapes differ"):
+        Trainer(
+            load_config(
+                RECIPE / "tiny_stage2.yaml",
+                [f"init_from={tmp_path / 'stage1'}", "data.num_workers=0", tiny_model_override(embed_dim=32)],
+            )
+        )
