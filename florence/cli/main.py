@@ -251,6 +251,30 @@ def _add_benchmark(subparsers) -> None:
     parser.set_defaults(func=_run_benchmark, parser=parser)
 
 
+def _add_video(subparsers) -> None:
+    parser = subparsers.add_parser("video", help="video models: zero-shot action recognition")
+    commands = parser.add_subparsers(dest="video_command", required=True, parser_class=ArgumentParser)
+    classify = commands.add_parser(
+        "classify", parents=[_verbose_parent()], help="rank action labels for video clips (zero-shot)"
+    )
+    classify.add_argument("clips", nargs="+", help="video files (mp4, mkv, avi, webm, gif, ...)")
+    labels = classify.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help='comma-separated labels, e.g. "playing guitar,yoga"')
+    labels.add_argument("--label-map", help="kinetics400, ucf101, ntu60, or a text file with one label per line")
+    classify.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
+    classify.add_argument("--templates", default="video", help="template set (video, heldout, imagenet, simple) or a text file")
+    classify.add_argument("--tower", choices=("frames", "video"), default="frames",
+                          help="frames: mean of per-frame image embeddings; video: inflated Video CoSwin")
+    classify.add_argument("--num-frames", type=int, default=8, help="frames per clip (default: 8)")
+    classify.add_argument("--sampling", choices=("uniform", "dense"), default="uniform", help="frame sampling (default: uniform)")
+    classify.add_argument("--frame-interval", type=int, default=2, help="frames between samples in dense sampling")
+    classify.add_argument("--num-clips", type=int, default=1, help="temporal test clips per video")
+    classify.add_argument("--num-crops", type=int, choices=(1, 3), default=1, help="spatial test crops per clip")
+    classify.add_argument("--image-size", type=int, help="crop size in pixels (default: the model's input size)")
+    classify.add_argument("--top", type=int, default=5, help="labels to print per clip")
+    classify.set_defaults(func=_run_video_classify, parser=classify)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="florence", description="Florence vision foundation model toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -266,6 +290,7 @@ def build_parser() -> ArgumentParser:
     _add_serve(subparsers)
     _add_export(subparsers)
     _add_benchmark(subparsers)
+    _add_video(subparsers)
     return parser
 
 
@@ -579,6 +604,54 @@ def _run_benchmark(args) -> int:
     for path in write_reports(output):
         print(f"wrote {path}")
     print((output / "results.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def _run_video_classify(args) -> int:
+    from florence.adapters.video.io import VideoDecodeError
+    from florence.adapters.video.zeroshot import (
+        VIDEO_TEMPLATES,
+        classify_videos,
+        read_label_map,
+    )
+    from florence.checkpoint import load_model
+    from florence.evaluation.templates import resolve_templates
+    from florence.tokenizer import get_tokenizer
+
+    if args.labels is not None:
+        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        if len(labels) < 2:
+            raise ValueError(f"--labels {args.labels!r} must name at least two comma-separated labels")
+    else:
+        labels = read_label_map(args.label_map)
+    templates = list(VIDEO_TEMPLATES) if args.templates == "video" else resolve_templates(args.templates)
+    missing = [clip for clip in args.clips if not Path(clip).is_file()]
+    if missing:
+        raise FileNotFoundError(f"video files not found: {', '.join(missing)}")
+
+    model = load_model(args.checkpoint)
+    try:
+        predictions = classify_videos(
+            model,
+            get_tokenizer(),
+            args.clips,
+            labels,
+            templates=templates,
+            num_frames=args.num_frames,
+            image_size=args.image_size,
+            mode=args.sampling,
+            frame_interval=args.frame_interval,
+            num_clips=args.num_clips,
+            num_crops=args.num_crops,
+            tower=args.tower,
+            top=args.top,
+        )
+    except VideoDecodeError as error:
+        raise ValueError(f"{error}; check that the file is a complete video") from error
+    for prediction in predictions:
+        print(prediction.path)
+        for label, probability in zip(prediction.top_labels, prediction.top_probabilities):
+            print(f"  {probability * 100:6.2f}%  {label}")
     return 0
 
 
