@@ -274,6 +274,23 @@ def _add_video(subparsers) -> None:
     classify.add_argument("--top", type=int, default=5, help="labels to print per clip")
     classify.set_defaults(func=_run_video_classify, parser=classify)
 
+    train = commands.add_parser(
+        "train", parents=[_verbose_parent()], help="fine-tune a Video CoSwin classifier inflated from a checkpoint"
+    )
+    train.add_argument("data", help="CSV with path and label columns, or a folder with one subfolder per class")
+    train.add_argument("--output-dir", required=True, help="folder for checkpoints and metrics.jsonl (resumed if present)")
+    train.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"image model to inflate (default: {DEFAULT_CHECKPOINT})")
+    train.add_argument("--label-column", default="label", help="CSV column with the class name (default: label)")
+    train.add_argument("--epochs", type=int, default=30, help="maximum epochs (default: 30)")
+    train.add_argument("--clips-per-video", type=int, default=3, help="random temporal crops of each video per epoch (default: 3)")
+    train.add_argument("--batch-size", type=int, default=4, help="clips per step (default: 4)")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 0.001)")
+    train.add_argument("--num-frames", type=int, default=8, help="frames per clip (default: 8)")
+    train.add_argument("--sampling", choices=("uniform", "dense"), default="uniform", help="frame sampling (default: uniform)")
+    train.add_argument("--image-size", type=int, help="crop size in pixels (default: the model's input size)")
+    train.add_argument("--temporal-window", type=int, default=2, help="attention window length in temporal tokens (default: 2)")
+    train.set_defaults(func=_run_video_train, parser=train)
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="florence", description="Florence vision foundation model toolkit")
@@ -652,6 +669,36 @@ def _run_video_classify(args) -> int:
         print(prediction.path)
         for label, probability in zip(prediction.top_labels, prediction.top_probabilities):
             print(f"  {probability * 100:6.2f}%  {label}")
+    return 0
+
+
+def _run_video_train(args) -> int:
+    from florence.adapters.video.dataset import VideoDataset
+    from florence.adapters.video.finetune import (
+        VideoFinetuneConfig,
+        finetune_video_classifier,
+    )
+    from florence.adapters.video.inflate import inflate_coswin, load_image_coswin
+
+    image_model = load_image_coswin(args.checkpoint)
+    image_size = args.image_size or image_model.img_size[0]
+    options = {"num_frames": args.num_frames, "size": image_size, "mode": args.sampling, "label_column": args.label_column}
+    train_dataset = VideoDataset(args.data, train=True, **options)
+    eval_dataset = VideoDataset(args.data, train=False, classes=train_dataset.classes, **options)
+    if len(train_dataset) == 0:
+        raise ValueError(f"{args.data} has no readable videos; see the warnings above")
+
+    model = inflate_coswin(image_model, temporal_window=args.temporal_window, num_frames=args.num_frames)
+    model.reset_classifier(len(train_dataset.classes))
+    config = VideoFinetuneConfig(
+        output_dir=args.output_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        clips_per_video=args.clips_per_video,
+        lr=args.lr,
+    )
+    metrics = finetune_video_classifier(model, train_dataset, eval_dataset, config)
+    _print_results(metrics)
     return 0
 
 

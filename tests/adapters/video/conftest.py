@@ -10,6 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+from florence.checkpoint import save_weights
+from florence.models import create_model
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -30,3 +34,17 @@ def video_clips() -> Path:
 @pytest.fixture(scope="session")
 def video_clips2() -> Path:
     return shared_data_folder("video_clips2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> torch.nn.Module:
+    """A florence-tiny model with seeded random weights (32 px input)."""
+    torch.manual_seed(0)
+    return create_model("florence-tiny").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model: torch.nn.Module, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("checkpoint") / "model.safetensors"
+    save_weights(tiny_model, path)
+    return path

@@ -20,6 +20,7 @@ from florence.adapters.video.retrieval import (
     rank_captions,
     video_text_retrieval,
 )
+from florence.cli.main import main
 from florence.models import create_model
 from florence.tokenizer import get_tokenizer
 
@@ -103,3 +104,17 @@ def test_video_text_retrieval_real_clips(video_clips: Path, video_clips2: Path) 
     assert set(metrics) == {"video_to_text_R@1", "video_to_text_R@2", "text_to_video_R@1", "text_to_video_R@2",
                             "mean_recall"}
     assert metrics["video_to_text_R@2"] == 100.0
+
+
+def test_cli_video_train_writes_checkpoint(tiny_checkpoint: Path, video_clips: Path, tmp_path: Path, capsys) -> None:
+    csv_path = _two_clip_csv(video_clips, tmp_path)
+    output_dir = tmp_path / "run"
+    code = main(
+        ["video", "train", str(csv_path), "--output-dir", str(output_dir), "--checkpoint", str(tiny_checkpoint),
+         "--epochs", "1", "--num-frames", "2", "--clips-per-video", "1", "--batch-size", "2"]
+    )
+
+    assert code == 0
+    assert "eval_top1" in capsys.readouterr().out
+    assert (output_dir / "checkpoints" / "latest").is_file()
+    assert [record["epoch"] for record in _records(output_dir)] == [0]

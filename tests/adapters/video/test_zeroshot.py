@@ -15,23 +15,8 @@ from florence.adapters.video.zeroshot import (
     read_label_map,
     top_k_accuracy,
 )
-from florence.checkpoint import save_weights
 from florence.cli.main import main
-from florence.models import create_model
 from florence.tokenizer import get_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return create_model("florence-tiny").eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_model: torch.nn.Module, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("checkpoint") / "model.safetensors"
-    save_weights(tiny_model, path)
-    return path
 
 
 @pytest.mark.parametrize("tower", ["frames", "video"])
