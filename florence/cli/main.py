@@ -291,6 +291,19 @@ def _add_video(subparsers) -> None:
     train.add_argument("--temporal-window", type=int, default=2, help="attention window length in temporal tokens (default: 2)")
     train.set_defaults(func=_run_video_train, parser=train)
 
+    embed = commands.add_parser(
+        "embed",
+        parents=[_verbose_parent()],
+        help="embed videos into a 'florence embed' folder for 'florence index build' and 'florence search'",
+    )
+    embed.add_argument("clips", nargs="+", help="video files")
+    embed.add_argument("--out", required=True, help="embeddings folder (created if missing, resumed if present)")
+    embed.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
+    embed.add_argument("--num-frames", type=int, default=8, help="frames sampled per video (default: 8)")
+    embed.add_argument("--tower", choices=("frames", "video"), default="frames",
+                       help="frames: mean of per-frame image embeddings; video: inflated Video CoSwin")
+    embed.set_defaults(func=_run_video_embed, parser=embed)
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="florence", description="Florence vision foundation model toolkit")
@@ -699,6 +712,22 @@ def _run_video_train(args) -> int:
     )
     metrics = finetune_video_classifier(model, train_dataset, eval_dataset, config)
     _print_results(metrics)
+    return 0
+
+
+def _run_video_embed(args) -> int:
+    from florence.adapters.video.retrieval import embed_video_collection
+
+    missing = [clip for clip in args.clips if not Path(clip).is_file()]
+    if missing:
+        raise FileNotFoundError(f"video files not found: {', '.join(missing)}")
+    written, already_done, failed = embed_video_collection(
+        args.checkpoint, args.clips, args.out, num_frames=args.num_frames, tower=args.tower
+    )
+    print(f"videos: {written} embedded now, {already_done} already in {args.out}, {len(failed)} unreadable")
+    for path, error in failed:
+        print(f"  unreadable: {path}: {error}")
+    print(f"embeddings: {args.out}; next: florence index build {args.out} --out INDEX_DIR")
     return 0
 
 

@@ -7,6 +7,7 @@ Recall@k uses the image-text retrieval metrics, with videos in place of images.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from florence.adapters.video.io import VideoDecodeError
 from florence.adapters.video.sampling import load_test_views
 from florence.adapters.video.zeroshot import VideoEncoder
 from florence.evaluation.retrieval import retrieval_metrics
+
+_logger = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -67,3 +71,46 @@ def video_text_retrieval(
     """Return ``video_to_text_R@k``, ``text_to_video_R@k`` and ``mean_recall``, in percent."""
     metrics = retrieval_metrics(video_embeddings, caption_embeddings, caption_to_video, ks)
     return {name.replace("image", "video"): value for name, value in metrics.items()}
+
+
+def embed_video_collection(
+    checkpoint: str | Path,
+    paths: Sequence[str | Path],
+    out: str | Path,
+    num_frames: int = 8,
+    tower: str = "frames",
+) -> tuple[int, int, list[tuple[str, str]]]:
+    """Embed videos into a ``florence embed`` folder, so ``florence index build`` and ``florence search`` work on them.
+
+    The rows have kind ``"image"``, which is the kind the index reads, and the video path as
+    source. Videos already in ``out`` are skipped, so a rerun embeds only new ones. Unreadable
+    videos get a row with the error and no embedding, and are logged.
+
+    Returns:
+        (videos embedded now, videos already in ``out``, [(path, error)] for unreadable videos).
+    """
+    from florence.checkpoint import load_model
+    from florence.serving.embed import Embedder, EmbeddingStore, build_manifest
+
+    model = load_model(checkpoint)
+    store = EmbeddingStore(out)
+    store.open_for(build_manifest(Embedder(model), checkpoint))
+    done = store.done_sources("image")
+    pending = [str(Path(path).resolve()) for path in paths]
+    pending = [path for path in pending if path not in done]
+
+    embeddings: list = []
+    errors: list[str | None] = []
+    failed = []
+    for path in pending:
+        try:
+            embeddings.append(encode_videos(model, [path], num_frames=num_frames, tower=tower)[0].numpy())
+            errors.append(None)
+        except VideoDecodeError as error:
+            _logger.warning("skipping unreadable video %s: %s", path, error)
+            embeddings.append(None)
+            errors.append(str(error))
+            failed.append((path, str(error)))
+    if pending:
+        store.write_part("image", pending, embeddings, errors, int(model.embed_dim))
+    return len(pending) - len(failed), len(paths) - len(pending), failed

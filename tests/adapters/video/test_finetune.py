@@ -22,6 +22,7 @@ from florence.adapters.video.retrieval import (
 )
 from florence.cli.main import main
 from florence.models import create_model
+from florence.serving.embed import EmbeddingStore
 from florence.tokenizer import get_tokenizer
 
 VIDEO_CONFIG = {
@@ -118,3 +119,32 @@ def test_cli_video_train_writes_checkpoint(tiny_checkpoint: Path, video_clips: P
     assert "eval_top1" in capsys.readouterr().out
     assert (output_dir / "checkpoints" / "latest").is_file()
     assert [record["epoch"] for record in _records(output_dir)] == [0]
+
+
+def test_cli_video_embed_then_search(tiny_checkpoint: Path, video_clips: Path, tmp_path: Path, capsys) -> None:
+    clips = [video_clips / "clips" / "yoga.mp4", video_clips / "clips" / "ucf101_v_CricketShot_g04_c01.gif"]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 2048)
+    out = tmp_path / "embeddings"
+    arguments = ["video", "embed", *map(str, clips), str(broken), "--out", str(out), "--checkpoint", str(tiny_checkpoint),
+                 "--num-frames", "2"]
+
+    first_code = main(arguments)
+    first_output = capsys.readouterr().out
+    second_code = main(arguments)
+    second_output = capsys.readouterr().out
+    sources, vectors = EmbeddingStore(out).read_embeddings("image")
+    index_code = main(["index", "build", str(out), "--out", str(tmp_path / "index")])
+    search_code = main(["search", "a person doing yoga", "--index", str(tmp_path / "index"), "-k", "2"])
+    search_output = capsys.readouterr().out
+
+    assert first_code == 0
+    assert "2 embedded now, 0 already" in first_output
+    assert "1 unreadable" in first_output
+    assert second_code == 0
+    assert "0 embedded now, 3 already" in second_output
+    assert sorted(sources) == sorted(str(clip.resolve()) for clip in clips)
+    assert vectors.shape == (2, 256)
+    assert index_code == 0
+    assert search_code == 0
+    assert "yoga.mp4" in search_output
