@@ -36,6 +36,7 @@ from florence.adapters.video.layers import (
     build_window_layout_3d,
     to_3tuple,
 )
+from florence.models.coswin import _validate_config
 from florence.models.layers import DropPath, LayerNorm, Mlp, to_2tuple
 
 _logger = logging.getLogger(__name__)
@@ -233,10 +234,19 @@ class VideoCoSwin(nn.Module):
     ) -> None:
         super().__init__()
         window_size = to_3tuple(window_size)
-        _validate_video_config(
-            num_frames, window_size, depths, num_heads, embed_dim, global_pool, num_classes,
-            stem_temporal_kernel, stem_temporal_stride, merge_temporal_kernel,
+        _validate_config(
+            to_2tuple(img_size),
+            embed_dim,
+            depths,
+            num_heads,
+            window_size[1:],
+            mlp_ratio,
+            {"drop_rate": drop_rate, "attn_drop_rate": attn_drop_rate, "drop_path_rate": drop_path_rate},
+            {"stem_kernel_size": stem_kernel_size, "stem_stride": stem_stride, "stem_padding": stem_padding},
+            num_classes,
+            global_pool,
         )
+        _validate_temporal_config(num_frames, window_size[0], stem_temporal_kernel, stem_temporal_stride, merge_temporal_kernel)
         self.num_frames = num_frames
         self.img_size = to_2tuple(img_size)
         self.in_chans = in_chans
@@ -449,37 +459,20 @@ class VideoCoSwin(nn.Module):
         return sorted(set(resolved))
 
 
-def _validate_video_config(
+def _validate_temporal_config(
     num_frames: int,
-    window_size: Size3d,
-    depths: Sequence[int],
-    num_heads: Sequence[int],
-    embed_dim: int,
-    global_pool: str,
-    num_classes: int,
+    temporal_window: int,
     stem_temporal_kernel: int,
     stem_temporal_stride: int,
     merge_temporal_kernel: int,
 ) -> None:
-    """Raise ValueError naming the first invalid Video CoSwin argument.
-
-    The spatial arguments that CoSwin also takes are checked as CoSwin checks them.
-    """
+    """Raise ValueError naming the first invalid temporal argument; CoSwin's checks cover the rest."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
-    if min(window_size) < 1:
-        raise ValueError(f"window_size must be positive, got {window_size}")
-    if len(depths) != len(num_heads) or not depths or min(depths) < 1:
-        raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} need one positive entry per stage")
-    for stage, heads in enumerate(num_heads):
-        if heads < 1 or (embed_dim * 2**stage) % heads != 0:
-            raise ValueError(f"stage {stage} width {embed_dim * 2**stage} is not divisible by num_heads {heads}")
+    if temporal_window < 1:
+        raise ValueError(f"the temporal window must be positive, got {temporal_window}")
     for name, kernel in (("stem_temporal_kernel", stem_temporal_kernel), ("merge_temporal_kernel", merge_temporal_kernel)):
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"{name} must be a positive odd number so that 'same' padding is kernel // 2, got {kernel}")
     if stem_temporal_stride < 1:
         raise ValueError(f"stem_temporal_stride must be positive, got {stem_temporal_stride}")
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-    if global_pool not in _GLOBAL_POOL_TYPES:
-        raise ValueError(f"unknown global_pool {global_pool!r}; valid values: 'avg', '' (no pooling)")

@@ -264,3 +264,19 @@ def test_video_coswin_rejects_image_batch() -> None:
     model = VideoCoSwin(**VIDEO_CONFIG)
     with pytest.raises(ValueError, match=r"expected clips shaped \[B, 3, T, H, W\]"):
         model(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"stem_temporal_kernel": 2}, "stem_temporal_kernel must be a positive odd number"),
+        ({"merge_temporal_kernel": 0}, "merge_temporal_kernel must be a positive odd number"),
+        ({"num_frames": 0}, "num_frames must be positive"),
+        ({"window_size": (0, 4, 4)}, "temporal window must be positive"),
+        ({"num_heads": (3, 4)}, "not divisible by num_heads 3"),
+        ({"drop_path_rate": 1.5}, r"drop_path_rate must be in \[0, 1\)"),
+    ],
+)
+def test_video_coswin_rejects_invalid_config(override: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        VideoCoSwin(**{**VIDEO_CONFIG, **override})
