@@ -3,10 +3,9 @@
 Inflation rule (``temporal_init="center"``, the default):
 
 - every 2D convolution kernel ``[O, I, k, k]`` becomes a 3D kernel ``[O, I, kt, k, k]`` that is
-  zero except at the centre temporal tap ``kt // 2``, which holds the 2D kernel (I3D's
-  "centre" inflation, Carreira and Zisserman 2017, arXiv 1705.07750). Because the temporal
-  padding is ``kt // 2``, the centre tap of every output frame reads a real frame, so each
-  output frame is exactly the 2D convolution of one input frame;
+  zero except at the centre temporal tap ``kt // 2``, which contains the 2D kernel. Because
+  the temporal padding is ``kt // 2``, the centre tap of every output frame reads a real
+  frame, so each output frame is exactly the 2D convolution of one input frame;
 - every relative position bias table ``[(2Mh-1)(2Mw-1), heads]`` is copied to every temporal
   offset dt of the ``[(2Mt-1)(2Mh-1)(2Mw-1), heads]`` table, so the initial bias depends only on
   the spatial offset;
@@ -17,9 +16,9 @@ frame: every temporal token equals the image model's token, and each key of a 3D
 then one of ``Mt`` identical copies of a 2D key with the same bias, so softmax gives the 2D
 attention output. Temporal padding keys are masked (see ``WindowLayout3d``).
 
-``temporal_init="average"`` spreads the 2D kernel evenly over the ``kt`` taps (I3D's
-"average" inflation). It keeps the response to a constant clip only away from the clip's
-first and last ``kt // 2`` frames, because the temporal zero padding enters there.
+``temporal_init="average"`` spreads the 2D kernel evenly over the ``kt`` taps. It keeps the
+response to a constant clip only away from the clip's first and last ``kt // 2`` frames,
+because the temporal zero padding enters there.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Video CoSwin: CoSwin with 3D token embedding, 3D merging and 3D shifted-window attention.
 
-Florence extends CoSwin to video (Yuan et al. 2021, arXiv 2111.11432, section 3.4) by turning
+Florence extends CoSwin to video (Yuan et al. 2021, arXiv 2111.11432) by turning
 the 2D token-embedding and patch-merging convolutions into 3D convolutions and running
-self-attention in 3D shifted local windows (as Video Swin, Liu et al. 2021, arXiv 2106.13230).
+self-attention in 3D shifted local windows (as Video Swin does).
 
 Defaults here:
 

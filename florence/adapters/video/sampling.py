@@ -2,9 +2,9 @@
 
 Two temporal sampling schemes, with mmaction2's names:
 
-- **uniform** (TSN, Wang et al. 2016, arXiv 1608.00859): the video is cut into ``num_frames``
+- **uniform** (as in TSN): the video is cut into ``num_frames``
   equal segments and one frame is taken from each, so a clip spans the whole video;
-- **dense** (I3D, SlowFast, Video Swin): ``num_frames`` frames ``frame_interval`` apart from one
+- **dense**: ``num_frames`` frames ``frame_interval`` apart from one
   start frame. A clip that runs past the end reads the last frame again.
 
 Multi-view testing takes ``num_clips`` temporal clips times ``num_crops`` spatial crops, runs
