@@ -251,6 +251,60 @@ def _add_benchmark(subparsers) -> None:
     parser.set_defaults(func=_run_benchmark, parser=parser)
 
 
+def _add_video(subparsers) -> None:
+    parser = subparsers.add_parser("video", help="video models: zero-shot action recognition")
+    commands = parser.add_subparsers(dest="video_command", required=True, parser_class=ArgumentParser)
+    classify = commands.add_parser(
+        "classify", parents=[_verbose_parent()], help="rank action labels for video clips (zero-shot)"
+    )
+    classify.add_argument("clips", nargs="+", help="video files (mp4, mkv, avi, webm, gif, ...)")
+    labels = classify.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help='comma-separated labels, e.g. "playing guitar,yoga"')
+    labels.add_argument("--label-map", help="kinetics400, ucf101, ntu60, or a text file with one label per line")
+    classify.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
+    classify.add_argument("--templates", default="video", help="template set (video, heldout, imagenet, simple) or a text file")
+    classify.add_argument("--tower", choices=("frames", "video"), default="frames",
+                          help="frames: mean of per-frame image embeddings; video: inflated Video CoSwin")
+    classify.add_argument("--num-frames", type=int, default=8, help="frames per clip (default: 8)")
+    classify.add_argument("--sampling", choices=("uniform", "dense"), default="uniform", help="frame sampling (default: uniform)")
+    classify.add_argument("--frame-interval", type=int, default=2, help="frames between samples in dense sampling")
+    classify.add_argument("--num-clips", type=int, default=1, help="temporal test clips per video")
+    classify.add_argument("--num-crops", type=int, choices=(1, 3), default=1, help="spatial test crops per clip")
+    classify.add_argument("--image-size", type=int, help="crop size in pixels (default: the model's input size)")
+    classify.add_argument("--top", type=int, default=5, help="labels to print per clip")
+    classify.set_defaults(func=_run_video_classify, parser=classify)
+
+    train = commands.add_parser(
+        "train", parents=[_verbose_parent()], help="fine-tune a Video CoSwin classifier inflated from a checkpoint"
+    )
+    train.add_argument("data", help="CSV with path and label columns, or a folder with one subfolder per class")
+    train.add_argument("--output-dir", required=True, help="folder for checkpoints and metrics.jsonl (resumed if present)")
+    train.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"image model to inflate (default: {DEFAULT_CHECKPOINT})")
+    train.add_argument("--label-column", default="label", help="CSV column with the class name (default: label)")
+    train.add_argument("--epochs", type=int, default=30, help="maximum epochs (default: 30)")
+    train.add_argument("--clips-per-video", type=int, default=3, help="random temporal crops of each video per epoch (default: 3)")
+    train.add_argument("--batch-size", type=int, default=4, help="clips per step (default: 4)")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 0.001)")
+    train.add_argument("--num-frames", type=int, default=8, help="frames per clip (default: 8)")
+    train.add_argument("--sampling", choices=("uniform", "dense"), default="uniform", help="frame sampling (default: uniform)")
+    train.add_argument("--image-size", type=int, help="crop size in pixels (default: the model's input size)")
+    train.add_argument("--temporal-window", type=int, default=2, help="attention window length in temporal tokens (default: 2)")
+    train.set_defaults(func=_run_video_train, parser=train)
+
+    embed = commands.add_parser(
+        "embed",
+        parents=[_verbose_parent()],
+        help="embed videos into a 'florence embed' folder for 'florence index build' and 'florence search'",
+    )
+    embed.add_argument("clips", nargs="+", help="video files")
+    embed.add_argument("--out", required=True, help="embeddings folder (created if missing, resumed if present)")
+    embed.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
+    embed.add_argument("--num-frames", type=int, default=8, help="frames sampled per video (default: 8)")
+    embed.add_argument("--tower", choices=("frames", "video"), default="frames",
+                       help="frames: mean of per-frame image embeddings; video: inflated Video CoSwin")
+    embed.set_defaults(func=_run_video_embed, parser=embed)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="florence", description="Florence vision foundation model toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -266,6 +320,7 @@ def build_parser() -> ArgumentParser:
     _add_serve(subparsers)
     _add_export(subparsers)
     _add_benchmark(subparsers)
+    _add_video(subparsers)
     return parser
 
 
@@ -579,6 +634,100 @@ def _run_benchmark(args) -> int:
     for path in write_reports(output):
         print(f"wrote {path}")
     print((output / "results.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def _run_video_classify(args) -> int:
+    from florence.adapters.video.io import VideoDecodeError
+    from florence.adapters.video.zeroshot import (
+        VIDEO_TEMPLATES,
+        classify_videos,
+        read_label_map,
+    )
+    from florence.checkpoint import load_model
+    from florence.evaluation.templates import resolve_templates
+    from florence.tokenizer import get_tokenizer
+
+    if args.labels is not None:
+        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        if len(labels) < 2:
+            raise ValueError(f"--labels {args.labels!r} must name at least two comma-separated labels")
+    else:
+        labels = read_label_map(args.label_map)
+    templates = list(VIDEO_TEMPLATES) if args.templates == "video" else resolve_templates(args.templates)
+    missing = [clip for clip in args.clips if not Path(clip).is_file()]
+    if missing:
+        raise FileNotFoundError(f"video files not found: {', '.join(missing)}")
+
+    model = load_model(args.checkpoint)
+    try:
+        predictions = classify_videos(
+            model,
+            get_tokenizer(),
+            args.clips,
+            labels,
+            templates=templates,
+            num_frames=args.num_frames,
+            image_size=args.image_size,
+            mode=args.sampling,
+            frame_interval=args.frame_interval,
+            num_clips=args.num_clips,
+            num_crops=args.num_crops,
+            tower=args.tower,
+            top=args.top,
+        )
+    except VideoDecodeError as error:
+        raise ValueError(f"{error}; check that the file is a complete video") from error
+    for prediction in predictions:
+        print(prediction.path)
+        for label, probability in zip(prediction.top_labels, prediction.top_probabilities):
+            print(f"  {probability * 100:6.2f}%  {label}")
+    return 0
+
+
+def _run_video_train(args) -> int:
+    from florence.adapters.video.dataset import VideoDataset
+    from florence.adapters.video.finetune import (
+        VideoFinetuneConfig,
+        finetune_video_classifier,
+    )
+    from florence.adapters.video.inflate import inflate_coswin, load_image_coswin
+
+    image_model = load_image_coswin(args.checkpoint)
+    image_size = args.image_size or image_model.img_size[0]
+    options = {"num_frames": args.num_frames, "size": image_size, "mode": args.sampling, "label_column": args.label_column}
+    train_dataset = VideoDataset(args.data, train=True, **options)
+    eval_dataset = VideoDataset(args.data, train=False, classes=train_dataset.classes, **options)
+    if len(train_dataset) == 0:
+        raise ValueError(f"{args.data} has no readable videos; see the warnings above")
+
+    model = inflate_coswin(image_model, temporal_window=args.temporal_window, num_frames=args.num_frames)
+    model.reset_classifier(len(train_dataset.classes))
+    config = VideoFinetuneConfig(
+        output_dir=args.output_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        clips_per_video=args.clips_per_video,
+        lr=args.lr,
+    )
+    metrics = finetune_video_classifier(model, train_dataset, eval_dataset, config)
+    _print_results(metrics)
+    return 0
+
+
+def _run_video_embed(args) -> int:
+    from florence.adapters.video.retrieval import embed_video_collection
+
+    missing = [clip for clip in args.clips if not Path(clip).is_file()]
+    if missing:
+        raise FileNotFoundError(f"video files not found: {', '.join(missing)}")
+    written, already_done, failed = embed_video_collection(
+        args.checkpoint, args.clips, args.out, num_frames=args.num_frames, tower=args.tower
+    )
+    print(f"videos: {written} embedded now, {already_done} already in {args.out}, {len(failed)} unreadable")
+    for path, error in failed:
+        print(f"  unreadable: {path}: {error}")
+    print(f"embeddings: {args.out}; next: florence index build {args.out} --out INDEX_DIR")
     return 0
 
 
