@@ -12,6 +12,10 @@ Each tower maps its input to L2-normalised embeddings, as ``encode_image`` and
 Both exports trace the model. The text tower trims a batch to its longest text, so it is
 traced with a text that fills the whole context: the exported graph always runs all
 ``context_length`` positions, which gives the same embeddings because attention is causal.
+
+Tracing fixes the image size and the text length, and torch warns (TracerWarning) at every
+shape check that it turns into a constant. Those warnings are silenced, and instead each
+exported tower is run on a batch of another size and checked against the PyTorch model.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -30,6 +35,9 @@ _logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
+
+# Largest absolute difference between exported and PyTorch embeddings that export accepts.
+CHECK_ATOL = 1e-3
 
 
 class ImageTower(nn.Module):
@@ -61,6 +69,15 @@ def example_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, torc
     return images, tokens
 
 
+def _check_inputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return inputs unlike the traced examples: a batch of 3, and texts of different lengths."""
+    from florence.tokenizer import get_tokenizer
+
+    images, _ = example_inputs(model, batch=3)
+    texts = ["a dog", "two children climbing a long set of wooden stairs", "photo " * model.context_length]
+    return images, get_tokenizer(model.context_length)(texts)
+
+
 def export_model(model: nn.Module, out_dir: str | Path, fmt: str = "onnx") -> dict[str, Path]:
     """Write ``image_tower`` and ``text_tower`` files of format ``fmt`` and an ``export.json`` into ``out_dir``.
 
@@ -75,12 +92,16 @@ def export_model(model: nn.Module, out_dir: str | Path, fmt: str = "onnx") -> di
     images, tokens = example_inputs(model)
     towers = {"image_tower": (ImageTower(model), images, "images"), "text_tower": (TextTower(model), tokens, "tokens")}
 
+    check_inputs = dict(zip(towers, _check_inputs(model)))
     paths = {}
     for name, (tower, example, input_name) in towers.items():
-        if fmt == "onnx":
-            paths[name] = _export_onnx(tower, example, input_name, out_dir / f"{name}.onnx")
-        else:
-            paths[name] = _export_torchscript(tower, example, out_dir / f"{name}.pt")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            if fmt == "onnx":
+                paths[name] = _export_onnx(tower, example, input_name, out_dir / f"{name}.onnx")
+            else:
+                paths[name] = _export_torchscript(tower, example, out_dir / f"{name}.pt")
+        _check_export(tower, paths[name], check_inputs[name], input_name)
         _logger.info("exported %s to %s", name, paths[name])
 
     description = {
@@ -114,6 +135,35 @@ def _export_onnx(tower: nn.Module, example: torch.Tensor, input_name: str, path:
             opset_version=ONNX_OPSET,
         )
     return path
+
+
+def _check_export(tower: nn.Module, path: Path, inputs: torch.Tensor, input_name: str) -> None:
+    """Run the exported ``path`` on ``inputs`` and raise RuntimeError if it differs from ``tower``.
+
+    ONNX files are checked only when onnxruntime is installed; otherwise a warning is logged.
+    """
+    with torch.no_grad():
+        expected = tower(inputs).numpy()
+    if path.suffix == ".onnx":
+        try:
+            import onnxruntime
+        except ModuleNotFoundError:
+            _logger.warning("onnxruntime is not installed, so %s was not checked against PyTorch", path)
+            return
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        actual = session.run(None, {input_name: inputs.numpy()})[0]
+    else:
+        with torch.no_grad():
+            actual = torch.jit.load(str(path))(inputs).numpy()
+
+    if actual.shape != expected.shape:
+        raise RuntimeError(f"{path} returned embeddings of shape {actual.shape}, but the PyTorch model {expected.shape}")
+    difference = float(abs(actual - expected).max())
+    if difference > CHECK_ATOL:
+        raise RuntimeError(
+            f"{path} does not reproduce the PyTorch model: max difference {difference:.2e}, above the limit of {CHECK_ATOL:g}"
+        )
+    _logger.info("checked %s against PyTorch on a batch of %d: max difference %.2e", path.name, len(inputs), difference)
 
 
 @contextlib.contextmanager

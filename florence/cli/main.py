@@ -154,7 +154,12 @@ def _add_embed(subparsers) -> None:
     parser.add_argument("--out", required=True, help="embeddings folder (created if missing, resumed if present)")
     parser.add_argument("--texts", help="text file with one text to embed per line")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--rows-per-part", type=int, default=1024, help="rows per Parquet part, the unit of resuming (default: 1024)")
+    parser.add_argument(
+        "--rows-per-part",
+        type=int,
+        default=1024,
+        help="rows per Parquet part, exact except for a run's last part; the unit of resuming (default: 1024)",
+    )
     parser.add_argument("--max-pixels", type=int, help="skip images with more pixels than this (default: PIL's decompression-bomb limit)")
     parser.set_defaults(func=_run_embed, parser=parser)
 
@@ -180,6 +185,9 @@ def _add_index(subparsers) -> None:
     build.set_defaults(func=_run_index_build, parser=build)
 
 
+DEFAULT_SEARCH_K = 10
+
+
 def _add_search(subparsers) -> None:
     parser = subparsers.add_parser(
         "search",
@@ -190,7 +198,11 @@ def _add_search(subparsers) -> None:
     parser.add_argument("query", nargs="?", help='text query, e.g. "a dog on a beach"')
     parser.add_argument("--image", help="search with this image instead of a text")
     parser.add_argument("--index", required=True, help="index folder written by 'florence index build'")
-    parser.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
+    parser.add_argument(
+        "-k",
+        type=int,
+        help=f"number of results, from 1 to the number of indexed images (default: {DEFAULT_SEARCH_K}, or all images of a smaller index)",
+    )
     parser.add_argument("--checkpoint", help="model.safetensors (default: the checkpoint the index was built with)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON lines")
     parser.set_defaults(func=_run_search, parser=parser)
@@ -496,6 +508,12 @@ def _run_models(args) -> int:
     return 0
 
 
+def _quiet_faiss_loader(args) -> None:
+    """Keep the INFO lines that faiss logs on import (which CPU build it loads) out of the log, unless -v."""
+    if not args.verbose:
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
 def _run_embed(args) -> int:
     from florence.serving.collection import list_images
     from florence.serving.embed import (
@@ -507,8 +525,13 @@ def _run_embed(args) -> int:
         embed_texts,
     )
 
+    _quiet_faiss_loader(args)
     if not args.inputs and not args.texts:
         raise ValueError("nothing to embed; pass image PATHs, --texts FILE, or both")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} is out of range; pass at least 1")
+    if args.rows_per_part < 1:
+        raise ValueError(f"--rows-per-part {args.rows_per_part} is out of range; pass at least 1")
     sources = list_images(args.inputs)
     texts = []
     if args.texts:
@@ -527,12 +550,18 @@ def _run_embed(args) -> int:
         rows_per_part=args.rows_per_part,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
     )
-    print(f"images: {images.written} embedded now, {images.already_done} already in {args.out}, {len(images.failed)} unreadable")
+    embedded = images.embedded + images.already_embedded
+    unreadable = len(images.failed) + images.already_failed
+    print(
+        f"images: {embedded + unreadable} listed, {embedded} embedded ({images.embedded} now, {images.already_embedded} earlier), "
+        f"{unreadable} unreadable ({len(images.failed)} now, {images.already_failed} earlier, not retried)"
+    )
     for source, error in images.failed:
         print(f"  unreadable: {source}: {error}")
     if texts:
-        text_summary = embed_texts(embedder, texts, store)
-        print(f"texts: {text_summary.written} embedded now, {text_summary.already_done} already in {args.out}")
+        text_summary = embed_texts(embedder, texts, store, rows_per_part=args.rows_per_part)
+        embedded = text_summary.embedded + text_summary.already_embedded
+        print(f"texts: {embedded} embedded ({text_summary.embedded} now, {text_summary.already_embedded} earlier)")
     print(f"embeddings: {args.out}")
     return 0
 
@@ -540,6 +569,7 @@ def _run_embed(args) -> int:
 def _run_index_build(args) -> int:
     from florence.serving.index import DEFAULT_EXACT_MAX, IndexParams, build_index
 
+    _quiet_faiss_loader(args)
     params = IndexParams(hnsw_m=args.hnsw_m, ef_search=args.ef_search, nlist=args.nlist, nprobe=args.nprobe)
     exact_max = DEFAULT_EXACT_MAX if args.exact_max is None else args.exact_max
     index = build_index(args.embeddings, kind=args.kind, exact_max=exact_max, params=params)
@@ -566,20 +596,34 @@ def _serving_checkpoint(checkpoint: str | None, index) -> str:
 
 
 def _run_search(args) -> int:
-    from florence.serving.collection import decode_image
+    from florence.data.sources import IMAGE_LOAD_ERRORS
+    from florence.serving.collection import (
+        ImageTooLargeError,
+        decode_image,
+        describe_read_error,
+    )
     from florence.serving.embed import Embedder
     from florence.serving.index import SearchIndex
 
+    _quiet_faiss_loader(args)
     if (args.query is None) == (args.image is None):
         raise ValueError('give either a text query or --image FILE, e.g. florence search "a dog on a beach" --index DIR')
     index = SearchIndex.load(args.index)
-    embedder = Embedder.from_checkpoint(_serving_checkpoint(args.checkpoint, index))
-    if args.image is not None:
-        query = embedder.encode_images([decode_image(Path(args.image).read_bytes())])
-    else:
-        query = embedder.encode_texts([args.query])
+    k = min(DEFAULT_SEARCH_K, len(index)) if args.k is None else args.k
+    if not 1 <= k <= len(index):
+        raise ValueError(f"k={k} is out of range; pass 1 <= k <= {len(index)}, the number of indexed images")
 
-    for rank, hit in enumerate(index.search(query, args.k)[0], start=1):
+    image = None
+    if args.image is not None:
+        try:
+            image = decode_image(Path(args.image).read_bytes())
+        except (*IMAGE_LOAD_ERRORS, ImageTooLargeError) as error:
+            raise ValueError(f"cannot read image {args.image}: {describe_read_error(error)}") from None
+
+    embedder = Embedder.from_checkpoint(_serving_checkpoint(args.checkpoint, index))
+    query = embedder.encode_images([image]) if image is not None else embedder.encode_texts([args.query])
+
+    for rank, hit in enumerate(index.search(query, k)[0], start=1):
         if args.json:
             print(json.dumps({"rank": rank, "score": hit.score, "source": hit.source}))
         else:
@@ -594,6 +638,7 @@ def _run_serve(args) -> int:
     from florence.serving.index import SearchIndex
     from florence.serving.service import BatchingSettings, ModelService, ServerLimits
 
+    _quiet_faiss_loader(args)
     uvicorn = require("uvicorn")
     index = SearchIndex.load(args.index) if args.index else None
     embedder = Embedder.from_checkpoint(_serving_checkpoint(args.checkpoint, index))
@@ -621,6 +666,9 @@ def _run_export(args) -> int:
     paths = export_model(load_model(args.checkpoint), args.out, args.format)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
+
+
 def _run_benchmark(args) -> int:
     from florence.evaluation.models import load_eval_model
     from florence.evaluation.report import write_reports

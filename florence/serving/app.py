@@ -5,7 +5,7 @@ for request validation errors. Status codes:
 
 - 413: request body over ``max_upload_bytes``, or an image over ``max_pixels`` pixels;
 - 415: an upload that is not an image PIL can decode;
-- 422: a malformed request (invalid JSON, a missing field, too many labels or texts, k out of range);
+- 422: a malformed request (invalid JSON, a missing or unknown field, too many labels or texts, k out of range);
 - 404: an unknown route or a thumbnail row that is not in the index;
 - 503: search without an index, or any request before the model is ready.
 """
@@ -24,7 +24,12 @@ from PIL import Image
 
 from florence.data.sources import IMAGE_LOAD_ERRORS
 from florence.serving._optional import require
-from florence.serving.collection import ImageTooLargeError, decode_image
+from florence.serving.batching import BatchStats
+from florence.serving.collection import (
+    ImageTooLargeError,
+    decode_image,
+    describe_read_error,
+)
 from florence.serving.service import ModelService, ServerLimits
 
 _logger = logging.getLogger(__name__)
@@ -34,7 +39,8 @@ require("fastapi")
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -47,11 +53,31 @@ class APIError(Exception):
         self.message = message
 
 
-class TextsRequest(BaseModel):
+class StrictRequest(BaseModel):
+    """A JSON request body that rejects unknown fields, so a misspelt field is not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_fields(cls, data: Any) -> Any:
+        # Runs before pydantic's own extra="forbid" check, to name the valid fields in the error.
+        if isinstance(data, dict):
+            unknown = [key for key in data if key not in cls.model_fields]
+            if unknown:
+                raise PydanticCustomError(
+                    "extra_forbidden",
+                    "unknown field {field}; valid fields: {valid}",
+                    {"field": repr(unknown[0]), "valid": ", ".join(cls.model_fields)},
+                )
+        return data
+
+
+class TextsRequest(StrictRequest):
     texts: list[str] = Field(description="texts to embed", examples=[["a dog on a beach"]])
 
 
-class TextSearchRequest(BaseModel):
+class TextSearchRequest(StrictRequest):
     query: str = Field(description="text to search the indexed images for", examples=["a dog on a beach"])
     k: int = Field(10, description="number of results")
 
@@ -101,8 +127,10 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
 
-        message = f"request body is larger than the limit of {self.max_bytes} bytes; send a smaller image"
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        advice = "upload a smaller image" if headers.get(b"content-type", b"").startswith(b"multipart/") else "send a smaller request body"
+        message = f"request body is larger than the limit of {self.max_bytes} bytes; {advice}"
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             _logger.warning("%s %s: 413 %s (Content-Length %s)", scope["method"], scope["path"], message, length.decode())
             await _error_response(413, message)(scope, receive, send)
@@ -134,6 +162,15 @@ class BodySizeLimit:
         if exceeded:
             _logger.warning("%s %s: 413 %s", scope["method"], scope["path"], message)
             await _error_response(413, message)(scope, receive, send)
+
+
+def _count(count: int, singular: str, plural: str) -> str:
+    return f"{count} {singular if count == 1 else plural}"
+
+
+def _describe_batches(stats: BatchStats, noun: str) -> str:
+    """Describe batcher statistics in words, e.g. '5 images in 3 batches (largest 2)'."""
+    return f"{_count(stats.items, noun, noun + 's')} in {_count(stats.batches, 'batch', 'batches')} (largest {stats.largest})"
 
 
 def _error_response(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -170,11 +207,11 @@ def create_app(service: ModelService, limits: ServerLimits | None = None) -> Fas
         finally:
             await service.stop()
             _logger.info(
-                "server stopped after %d requests (%d errors); image batches %s, text batches %s",
+                "server stopped after %d requests (%d errors); embedded %s and %s",
                 app.state.requests,
                 app.state.errors,
-                service.image_batcher.stats,
-                service.text_batcher.stats,
+                _describe_batches(service.image_batcher.stats, "image"),
+                _describe_batches(service.text_batcher.stats, "text"),
             )
 
     app = FastAPI(
@@ -242,8 +279,8 @@ async def _read_image(upload: UploadFile, limits: ServerLimits) -> Image.Image:
     except IMAGE_LOAD_ERRORS as error:
         raise APIError(
             415,
-            f"file {name!r} ({upload.content_type or 'no content type'}) is not an image that can be decoded: "
-            f"{error}; upload a JPEG, PNG, WebP, GIF, BMP or TIFF image",
+            f"file {name!r} ({upload.content_type or 'no content type'}) is not a readable image "
+            f"({describe_read_error(error)}); upload a JPEG, PNG, WebP, GIF, BMP or TIFF image",
         ) from None
 
 
@@ -271,10 +308,15 @@ def _check_texts(texts: list[str], limits: ServerLimits) -> None:
     if len(texts) > limits.max_texts:
         raise APIError(422, f"{len(texts)} texts given; the limit is {limits.max_texts} per request")
     for position, text in enumerate(texts):
-        if not text.strip():
-            raise APIError(422, f"texts[{position}] is empty")
-        if len(text) > limits.max_text_chars:
-            raise APIError(422, f"texts[{position}] has {len(text)} characters; the limit is {limits.max_text_chars}")
+        _check_text(text, f"texts[{position}]", limits)
+
+
+def _check_text(text: str, field: str, limits: ServerLimits) -> None:
+    """Reject an empty or overlong text, naming the request ``field`` it came from."""
+    if not text.strip():
+        raise APIError(422, f"{field} is empty; pass a non-blank text")
+    if len(text) > limits.max_text_chars:
+        raise APIError(422, f"{field} has {len(text)} characters; the limit is {limits.max_text_chars}")
 
 
 def _require_ready(service: ModelService) -> None:
@@ -345,7 +387,7 @@ def _add_routes(app: FastAPI, service: ModelService, limits: ServerLimits) -> No
     @app.post("/search/text", response_model=SearchResponse, summary="find indexed images matching a text")
     async def search_text(request: TextSearchRequest) -> SearchResponse:
         _require_index(service)
-        _check_texts([request.query], limits)
+        _check_text(request.query, "query", limits)
         _check_k(request.k, limits)
         query = (await service.embed_texts([request.query]))[0]
         return _search_response(service, query, request.k)

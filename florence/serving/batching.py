@@ -17,6 +17,8 @@ Result = TypeVar("Result")
 
 @dataclass
 class BatchStats:
+    """Counts of the batches a MicroBatcher ran: batches, items in them, and the largest batch size."""
+
     batches: int = 0
     items: int = 0
     largest: int = 0
@@ -67,6 +69,9 @@ class MicroBatcher(Generic[Item, Result]):
         except asyncio.CancelledError:
             pass
         self._worker = None
+
+    def reset_stats(self) -> None:
+        self.stats = BatchStats()
 
     async def submit(self, item: Item) -> Result:
         if not self.running or self._queue is None:

@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from florence.data.sources import IMAGE_EXTENSIONS
 
@@ -143,6 +143,9 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
         opened = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
         raise ImageTooLargeError(str(error)) from None
+    except UnidentifiedImageError:
+        # PIL's own message contains the repr of the in-memory file, which is no help to a user.
+        raise UnidentifiedImageError("not a readable image: the data is in no image format PIL can decode") from None
 
     with opened as image:
         width, height = image.size
@@ -151,3 +154,17 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
                 f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
             )
         return image.convert("RGB")
+
+
+def describe_read_error(error: Exception) -> str:
+    """Return why an image could not be read, in words, for error messages and the ``error`` column.
+
+    ``error`` is one of the errors that ``SourceReader.read_bytes`` and ``decode_image`` raise.
+    """
+    if isinstance(error, (ImageTooLargeError, UnidentifiedImageError)):
+        return str(error)
+    if isinstance(error, OSError) and error.strerror:
+        return str(error.strerror)
+    if isinstance(error, KeyError):
+        return f"member {error.args[0] if error.args else ''} not found in the tar shard"
+    return f"not a readable image: {type(error).__name__}: {error}"

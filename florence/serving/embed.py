@@ -10,7 +10,7 @@ embedding size) and ``part-NNNNN.parquet`` files with one row per image or text:
 
 Each part is written to a temporary file and renamed into place, so an interrupted run leaves
 only whole parts. A rerun reads the sources already in the parts, failed ones included, and
-embeds only the rest, so no source gets two rows.
+embeds only the rest, so no source gets two rows. Unreadable images are not retried.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ from florence.data.transforms import build_eval_transform
 from florence.evaluation.tasks import model_image_size
 from florence.evaluation.templates import resolve_templates
 from florence.serving._optional import require
-from florence.serving.collection import ImageTooLargeError, SourceReader, decode_image
+from florence.serving.collection import (
+    ImageTooLargeError,
+    SourceReader,
+    decode_image,
+    describe_read_error,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -122,11 +127,21 @@ def file_sha256(path: str | Path) -> str:
 
 @dataclass
 class EmbedSummary:
-    """What one embedding run did: rows written now, sources found done earlier, and failures."""
+    """What one embedding run did, counting readable and unreadable sources separately.
 
-    written: int = 0
-    already_done: int = 0
+    ``embedded`` and ``failed`` are the sources of this run; ``already_embedded`` and
+    ``already_failed`` the sources found in the folder's parts, which this run skipped.
+    """
+
+    embedded: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    already_embedded: int = 0
+    already_failed: int = 0
+
+    @property
+    def written(self) -> int:
+        """Rows written by this run: embedded and unreadable sources."""
+        return self.embedded + len(self.failed)
 
 
 class EmbeddingStore:
@@ -177,12 +192,13 @@ class EmbeddingStore:
             return pa.table({"kind": pa.array([], pa.string()), "source": pa.array([], pa.string())})
         return pa.concat_tables([pq.read_table(part) for part in parts])
 
-    def done_sources(self, kind: str) -> set[str]:
+    def done_sources(self, kind: str) -> dict[str, bool]:
+        """Return every source of ``kind`` in the parts, mapped to whether it has an embedding."""
         table = self.read_table()
         if table.num_rows == 0:
-            return set()
-        kinds = table.column("kind").to_pylist()
-        return {source for source, row_kind in zip(table.column("source").to_pylist(), kinds) if row_kind == kind}
+            return {}
+        rows = zip(table.column("kind").to_pylist(), table.column("source").to_pylist(), table.column("error").to_pylist())
+        return {source: error is None for row_kind, source, error in rows if row_kind == kind}
 
     def write_part(self, kind: str, sources: list[str], embeddings: list[np.ndarray | None], errors: list[str | None], dim: int) -> Path:
         """Write one part atomically; ``embeddings[i]`` is None exactly when ``errors[i]`` is set."""
@@ -252,19 +268,28 @@ def embed_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool | None = None,
 ) -> EmbedSummary:
-    """Embed the images of ``sources`` not yet in ``store``, writing a part every ``rows_per_part`` rows.
+    """Embed the images of ``sources`` not yet in ``store``, in parts of exactly ``rows_per_part`` rows.
 
-    Unreadable images (missing, truncated, not an image, over ``max_pixels``) get a row with
-    the error and no embedding, and are logged. ``progress`` shows a tqdm bar: None shows it
-    only on a terminal.
+    Only the last part of a run may be smaller. Unreadable images (missing, truncated, not an
+    image, over ``max_pixels``) get a row with the error and no embedding, and are logged.
+    ``progress`` shows a tqdm bar: None shows it only on a terminal.
     """
     from tqdm import tqdm
 
+    if rows_per_part < 1:
+        raise ValueError(f"rows_per_part={rows_per_part} is out of range; pass at least 1")
     done = store.done_sources("image")
     todo = [source for source in sources if source not in done]
-    summary = EmbedSummary(already_done=len(sources) - len(todo))
-    if summary.already_done:
-        _logger.info("resuming: %d of %d images are already embedded in %s", summary.already_done, len(sources), store.folder)
+    earlier = [done[source] for source in dict.fromkeys(sources) if source in done]
+    summary = EmbedSummary(already_embedded=sum(earlier), already_failed=len(earlier) - sum(earlier))
+    if earlier:
+        _logger.info(
+            "resuming: %d of %d images are already embedded in %s, and %d were unreadable earlier (not retried)",
+            summary.already_embedded,
+            len(sources),
+            store.folder,
+            summary.already_failed,
+        )
 
     reader = SourceReader()
     pending: tuple[list, list, list] = ([], [], [])
@@ -274,9 +299,9 @@ def embed_images(
                 batch = todo[start : start + batch_size]
                 _embed_batch(embedder, reader, batch, max_pixels, pending, summary)
                 bar.update(len(batch))
-                if len(pending[0]) >= rows_per_part:
-                    summary.written += _flush(store, "image", pending, embedder.dim)
-            summary.written += _flush(store, "image", pending, embedder.dim)
+                while len(pending[0]) >= rows_per_part:
+                    _flush(store, "image", pending, embedder.dim, rows_per_part)
+            _flush(store, "image", pending, embedder.dim)
     finally:
         reader.close()
     return summary
@@ -289,39 +314,53 @@ def _embed_batch(embedder: Embedder, reader: SourceReader, batch: list[str], max
             images.append(decode_image(reader.read_bytes(source), max_pixels))
             readable.append(source)
         except (*IMAGE_LOAD_ERRORS, ImageTooLargeError, KeyError) as error:
-            message = f"{type(error).__name__}: {error}"
+            message = describe_read_error(error)
             _logger.warning("skipped unreadable image %s: %s", source, message)
             summary.failed.append((source, message))
             pending[0].append(source)
             pending[1].append(None)
             pending[2].append(message)
 
+    summary.embedded += len(readable)
     for source, vector in zip(readable, embedder.encode_images(images)):
         pending[0].append(source)
         pending[1].append(vector)
         pending[2].append(None)
 
 
-def _flush(store: EmbeddingStore, kind: str, pending: tuple[list, list, list], dim: int) -> int:
-    rows = len(pending[0])
+def _flush(store: EmbeddingStore, kind: str, pending: tuple[list, list, list], dim: int, max_rows: int | None = None) -> int:
+    """Write the first ``max_rows`` pending rows (all of them for None) as one part and drop them."""
+    rows = len(pending[0]) if max_rows is None else min(max_rows, len(pending[0]))
     if rows:
-        path = store.write_part(kind, *pending, dim=dim)
+        path = store.write_part(kind, *(column[:rows] for column in pending), dim=dim)
         _logger.debug("wrote %d rows to %s", rows, path)
         for column in pending:
-            column.clear()
+            del column[:rows]
     return rows
 
 
-def embed_texts(embedder: Embedder, texts: Sequence[str], store: EmbeddingStore, batch_size: int = 256) -> EmbedSummary:
-    """Embed the texts not yet in ``store``, in one part."""
+def embed_texts(
+    embedder: Embedder,
+    texts: Sequence[str],
+    store: EmbeddingStore,
+    batch_size: int = 256,
+    rows_per_part: int = 1024,
+) -> EmbedSummary:
+    """Embed the distinct texts not yet in ``store``, in parts of exactly ``rows_per_part`` rows (the last may be smaller)."""
+    if rows_per_part < 1:
+        raise ValueError(f"rows_per_part={rows_per_part} is out of range; pass at least 1")
     done = store.done_sources("text")
-    todo = list(dict.fromkeys(text for text in texts if text not in done))
-    summary = EmbedSummary(already_done=len(texts) - len(todo))
+    distinct = list(dict.fromkeys(texts))
+    todo = [text for text in distinct if text not in done]
+    summary = EmbedSummary(already_embedded=len(distinct) - len(todo))
     pending: tuple[list, list, list] = ([], [], [])
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         pending[0].extend(batch)
         pending[1].extend(embedder.encode_texts(batch))
         pending[2].extend([None] * len(batch))
-    summary.written = _flush(store, "text", pending, embedder.dim)
+        summary.embedded += len(batch)
+        while len(pending[0]) >= rows_per_part:
+            _flush(store, "text", pending, embedder.dim, rows_per_part)
+    _flush(store, "text", pending, embedder.dim)
     return summary

@@ -117,7 +117,12 @@ class SearchIndex:
         return str(self.meta["kind"])
 
     def search(self, queries: np.ndarray, k: int) -> list[list[SearchHit]]:
-        """Return the ``k`` best rows for each query [Q, D], highest cosine similarity first."""
+        """Return the ``k`` best rows for each query [Q, D], highest cosine similarity first.
+
+        A ``k`` above the index size returns every row. Raises ValueError for ``k < 1``.
+        """
+        if k < 1:
+            raise ValueError(f"k={k} is out of range; pass k >= 1")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have size {queries.shape[1]} but the index holds vectors of size {self.dim}")

@@ -100,6 +100,8 @@ class ModelService:
         # One forward pass of each tower, so the first request does not pay for lazy initialisation.
         await self.embed_image(Image.new("RGB", (self.embedder.image_size,) * 2))
         await self.embed_texts(["warm-up"])
+        self.image_batcher.reset_stats()
+        self.text_batcher.reset_stats()
         self.ready = True
 
     async def stop(self) -> None:

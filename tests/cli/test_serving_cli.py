@@ -51,13 +51,16 @@ def workspace(tmp_path_factory) -> Path:
 def index(workspace) -> Path:
     embed = florence_cli("embed", str(workspace / "photos"), "--checkpoint", str(workspace / "model.safetensors"), "--out", str(workspace / "embeddings"))
     assert embed.returncode == 0, embed.stderr
-    assert f"images: {PHOTOS + 1} embedded now, 0 already" in embed.stdout
+    assert f"images: {PHOTOS + 1} listed, {PHOTOS} embedded ({PHOTOS} now, 0 earlier), 1 unreadable (1 now, 0 earlier" in embed.stdout
     assert "unreadable: " in embed.stdout
-    assert "broken.jpg" in embed.stdout
+    assert "broken.jpg: not a readable image" in embed.stdout
+    assert "BytesIO" not in embed.stdout + embed.stderr
+    assert "faiss.loader" not in embed.stderr
 
     build = florence_cli("index", "build", str(workspace / "embeddings"), "--out", str(workspace / "index"))
     assert build.returncode == 0, build.stderr
     assert "index kind flat" in build.stderr
+    assert "faiss.loader" not in build.stderr
     return workspace / "index"
 
 
@@ -65,7 +68,7 @@ def test_embed_rerun_resumes(workspace, index):
     result = florence_cli("embed", str(workspace / "photos"), "--checkpoint", str(workspace / "model.safetensors"), "--out", str(workspace / "embeddings"))
 
     assert result.returncode == 0, result.stderr
-    assert f"images: 0 embedded now, {PHOTOS + 1} already" in result.stdout
+    assert f"images: {PHOTOS + 1} listed, {PHOTOS} embedded (0 now, {PHOTOS} earlier), 1 unreadable (0 now, 1 earlier" in result.stdout
 
 
 def test_search_text_prints_ranked_paths(index):
@@ -76,6 +79,40 @@ def test_search_text_prints_ranked_paths(index):
     assert [row["rank"] for row in rows] == [1, 2, 3]
     assert rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
     assert all(Path(row["source"]).is_file() for row in rows)
+    assert "faiss.loader" not in result.stderr
+
+
+def test_search_default_k_capped_at_index_size(index):
+    result = florence_cli("search", "a dog on a beach", "--index", str(index))
+
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == PHOTOS
+
+
+@pytest.mark.parametrize("k", ["0", "-3", str(PHOTOS + 1)])
+def test_search_k_out_of_range_fails(index, k):
+    result = florence_cli("search", "a dog", "--index", str(index), "-k", k)
+
+    assert result.returncode == 2
+    assert f"florence: error: k={k} is out of range; pass 1 <= k <= {PHOTOS}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_search_unreadable_image_fails(workspace, index):
+    broken = workspace / "photos" / "broken.jpg"
+
+    result = florence_cli("search", "--image", str(broken), "--index", str(index))
+
+    assert result.returncode == 2
+    assert f"florence: error: cannot read image {broken}: not a readable image" in result.stderr
+    assert "BytesIO" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_embed_help_says_parts_are_exact():
+    result = florence_cli("embed", "--help")
+
+    assert "exact except for a run's last part" in " ".join(result.stdout.split())
 
 
 def test_search_image_finds_itself(workspace, index):
@@ -100,6 +137,7 @@ def test_export_torchscript_writes_towers(workspace, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "image_tower.pt").is_file()
     assert (tmp_path / "text_tower.pt").is_file()
+    assert "TracerWarning" not in result.stderr
 
 
 def test_serve_starts_and_stops(workspace, index):
@@ -130,3 +168,6 @@ def test_serve_starts_and_stops(workspace, index):
     assert len(search.json()["results"]) == 2
     assert "server started" in "".join(log)
     assert "server stopped after" in "".join(log)
+    assert "1 text in 1 batch (largest 1)" in "".join(log)
+    assert "BatchStats" not in "".join(log)
+    assert "faiss.loader" not in "".join(log)

@@ -1,13 +1,14 @@
 """HTTP API tests against a real uvicorn server on 127.0.0.1 (an ephemeral port)."""
 
 import io
+import logging
 import socket
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serving.conftest import TEST_LIMITS, flickr_photos
+from tests.serving.conftest import TEST_LIMITS, flickr_photos, start_server
 
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install 'florence-vision[serve]')")
 
@@ -129,7 +130,8 @@ def test_concurrent_requests_share_batches(server, client):
 def test_non_image_upload_415(client):
     response = client.post("/classify", files={"file": ("notes.txt", b"plain text", "text/plain")}, data={"labels": "a, b"})
 
-    _assert_error(response, 415, "not an image")
+    _assert_error(response, 415, "'notes.txt' (text/plain) is not a readable image")
+    assert "BytesIO" not in response.json()["error"]
 
 
 def test_empty_upload_415(client):
@@ -154,6 +156,24 @@ def test_oversize_chunked_body_413(client):
     response = client.post("/embed/text", content=chunks(), headers={"content-type": "application/json"})
 
     _assert_error(response, 413, "larger than the limit")
+    assert "send a smaller request body" in response.json()["error"]
+
+
+def test_oversize_json_body_names_request_body(client):
+    texts = ["x" * 1000] * (TEST_LIMITS["max_upload_bytes"] // 1000 + 1)
+
+    response = client.post("/embed/text", json={"texts": texts})
+
+    _assert_error(response, 413, "send a smaller request body")
+    assert "image" not in response.json()["error"]
+
+
+def test_oversize_upload_names_image(client):
+    data = b"\xff" * (TEST_LIMITS["max_upload_bytes"] + 1)
+
+    response = client.post("/embed/image", files={"file": ("big.jpg", data, "image/jpeg")})
+
+    _assert_error(response, 413, "upload a smaller image")
 
 
 def test_pixel_bomb_413(client):
@@ -173,6 +193,37 @@ def test_missing_field_422(client):
     response = client.post("/search/text", json={"k": 3})
 
     _assert_error(response, 422, "query")
+
+
+def test_unknown_json_field_422(client):
+    response = client.post("/search/text", json={"query": "dog", "kk": 3})
+
+    _assert_error(response, 422, "unknown field 'kk'; valid fields: query, k")
+
+
+def test_unknown_texts_field_422(client):
+    response = client.post("/embed/text", json={"texts": ["dog"], "normalize": False})
+
+    _assert_error(response, 422, "unknown field 'normalize'; valid fields: texts")
+
+
+def test_blank_query_names_query_field(client):
+    response = client.post("/search/text", json={"query": "  ", "k": 3})
+
+    _assert_error(response, 422, "query is empty")
+    assert "texts" not in response.json()["error"]
+
+
+def test_long_query_names_query_field(client):
+    response = client.post("/search/text", json={"query": "dog " * 300, "k": 3})
+
+    _assert_error(response, 422, "query has 1200 characters")
+
+
+def test_blank_text_names_position(client):
+    response = client.post("/embed/text", json={"texts": ["a dog", " "]})
+
+    _assert_error(response, 422, "texts[1] is empty")
 
 
 def test_missing_file_422(client):
@@ -253,3 +304,19 @@ def test_server_healthy_after_errors(client):
 
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+def test_stop_log_counts_requests_not_warmup(embedder, search_index, caplog):
+    live = start_server(embedder, search_index, **TEST_LIMITS)
+    service = live.server.config.app.state.service
+    batches_after_start = service.image_batcher.stats.batches + service.text_batcher.stats.batches
+    with httpx.Client(base_url=live.url, timeout=60) as session:
+        session.post("/embed/text", json={"texts": ["a dog"]})
+    with caplog.at_level(logging.INFO, logger="florence.serving.app"):
+        live.stop()
+    stopped = [record.getMessage() for record in caplog.records if "server stopped" in record.getMessage()]
+
+    assert batches_after_start == 0
+    assert len(stopped) == 1
+    assert "embedded 0 images in 0 batches (largest 0) and 1 text in 1 batch (largest 1)" in stopped[0]
+    assert "BatchStats" not in stopped[0]

@@ -9,7 +9,12 @@ from tests.serving.conftest import flickr_photos
 
 pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install 'florence-vision[serve]')")
 
-from florence.serving.collection import SourceReader, decode_image, list_images
+from florence.serving.collection import (
+    SourceReader,
+    decode_image,
+    describe_read_error,
+    list_images,
+)
 from florence.serving.embed import EmbeddingStore, build_manifest, embed_images
 
 
@@ -33,6 +38,44 @@ def test_embed_folder_writes_unit_vectors(tmp_path, photo_folder, embedder, chec
     assert len(store.parts()) == 2
 
 
+def test_embed_parts_have_exact_row_count(tmp_path, photo_folder, embedder, checkpoint):
+    pq = pytest.importorskip("pyarrow.parquet")
+    store = _store(tmp_path, embedder, checkpoint)
+    sources = list_images([str(photo_folder)])
+
+    embed_images(embedder, sources, store, batch_size=3, rows_per_part=3, progress=False)
+    rows = [pq.read_metadata(part).num_rows for part in store.parts()]
+
+    assert len(sources) == 8
+    assert rows == [3, 3, 2]
+
+
+def test_embed_parts_exact_across_batches(tmp_path, photo_folder, embedder, checkpoint):
+    pq = pytest.importorskip("pyarrow.parquet")
+    store = _store(tmp_path, embedder, checkpoint)
+    sources = list_images([str(photo_folder)])
+
+    embed_images(embedder, sources, store, batch_size=3, rows_per_part=4, progress=False)
+    rows = [pq.read_metadata(part).num_rows for part in store.parts()]
+
+    assert rows == [4, 4]
+
+
+def test_embed_counts_unreadable_separately(tmp_path, photo_folder, embedder, checkpoint):
+    for name in ("notes.jpg", "empty.jpg"):
+        (photo_folder / name).write_text("not an image" if name == "notes.jpg" else "")
+    store = _store(tmp_path, embedder, checkpoint)
+    sources = list_images([str(photo_folder)])
+
+    first = embed_images(embedder, sources, store, progress=False)
+    rerun = embed_images(embedder, sources, store, progress=False)
+
+    assert (first.embedded, len(first.failed)) == (len(sources) - 2, 2)
+    assert (first.already_embedded, first.already_failed) == (0, 0)
+    assert (rerun.embedded, len(rerun.failed)) == (0, 0)
+    assert (rerun.already_embedded, rerun.already_failed) == (len(sources) - 2, 2)
+
+
 def test_embed_matches_direct_encoding(tmp_path, photo_folder, embedder, checkpoint):
     store = _store(tmp_path, embedder, checkpoint)
     sources = list_images([str(photo_folder)])
@@ -54,7 +97,7 @@ def test_embed_resume_adds_no_duplicates(tmp_path, photo_folder, embedder, check
     summary = embed_images(embedder, sources, store, batch_size=2, rows_per_part=2, progress=False)
     read_sources, _ = store.read_embeddings()
 
-    assert summary.already_done == 4
+    assert summary.already_embedded == 4
     assert summary.written == len(sources) - 4
     assert sorted(read_sources) == sorted(sources)
     assert len(read_sources) == len(set(read_sources))
@@ -86,6 +129,24 @@ def test_embed_lists_unreadable_images(tmp_path, photo_folder, embedder, checkpo
     assert {source.rsplit("/", 1)[1] for source, _ in summary.failed} == {"notes.jpg", "truncated.jpg"}
     assert failed == {"notes.jpg", "truncated.jpg"}
     assert len(read_sources) == len(sources) - 2
+    assert all("BytesIO" not in message for _, message in summary.failed)
+    assert all("not a readable image" in message for _, message in summary.failed)
+
+
+@pytest.mark.parametrize("data", [b"plain text", b"GIF89a"])
+def test_decode_error_message_has_no_repr(data):
+    with pytest.raises(OSError) as caught:
+        decode_image(data)
+
+    assert "BytesIO" not in describe_read_error(caught.value)
+    assert "not a readable image" in describe_read_error(caught.value)
+
+
+def test_missing_file_error_message(tmp_path):
+    with pytest.raises(FileNotFoundError) as caught:
+        SourceReader().read_bytes(str(tmp_path / "missing.jpg"))
+
+    assert describe_read_error(caught.value) == "No such file or directory"
 
 
 def test_embed_skips_images_over_pixel_limit(tmp_path, photo_folder, embedder, checkpoint):

@@ -1,10 +1,14 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+import florence
 from florence.checkpoint import load_model
-from florence.export import export_model
+from florence.export import ImageTower, _check_export, _check_inputs, export_model
 from florence.tokenizer import get_tokenizer
+from tests.tiny import TINY_MODEL
 
 TEXTS = ["a dog", "two children climbing a very long set of wooden stairs in a house", "!", "a red bicycle on a beach"]
 
@@ -64,3 +68,24 @@ def test_export_writes_description(model, tmp_path):
 def test_export_unknown_format_raises(model, tmp_path):
     with pytest.raises(ValueError, match="valid formats: onnx, torchscript"):
         export_model(model, tmp_path, "tflite")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_silences_tracer_warnings(model, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnx", reason="onnx is not installed (pip install 'florence-vision[export]')")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_model(model, tmp_path, fmt)
+
+    assert [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)] == []
+
+
+def test_export_check_rejects_other_model(model, tmp_path):
+    paths = export_model(model, tmp_path, "torchscript")
+    torch.manual_seed(1)
+    other = florence.create_model("florence-tiny", **TINY_MODEL).eval()
+    images, _ = _check_inputs(model)
+
+    with pytest.raises(RuntimeError, match="does not reproduce the PyTorch model"):
+        _check_export(ImageTower(other), paths["image_tower"], images, "images")

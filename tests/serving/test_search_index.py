@@ -76,3 +76,11 @@ def test_approximate_index_recall_on_clustered_vectors(kind):
 def test_load_missing_index_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="florence index build"):
         SearchIndex.load(tmp_path)
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_search_k_below_one_raises(search_index, k):
+    query = search_index.index.reconstruct(0)
+
+    with pytest.raises(ValueError, match=f"k={k} is out of range"):
+        search_index.search(query, k)
