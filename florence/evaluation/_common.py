@@ -139,8 +139,13 @@ def first_positive_rank(scores: Tensor, positives: Tensor) -> Tensor:
     lower column index ranks first (``torch.sort(stable=True)``, the same rule as
     ``torch.argmax``). A row without positives gets rank ``scores.shape[1]``, which no
     recall@k counts as correct.
+
+    The best-ranked positive is the positive with the highest score, the lowest column index
+    among equal ones, so its rank is ``target_rank`` of that column. Finding it takes one
+    max per row instead of a full sort, with the same integer result. ``scores`` must not
+    contain NaN, which has no place in this order.
     """
-    order = scores.sort(dim=1, descending=True, stable=True).indices
-    hits = positives.gather(1, order)
-    ranks = hits.int().argmax(dim=1)
-    return torch.where(hits.any(dim=1), ranks, scores.shape[1])
+    positive_scores = scores.masked_fill(~positives, float("-inf"))
+    best_positive = positive_scores.argmax(dim=1)
+    ranks = target_rank(scores, best_positive)
+    return torch.where(positives.any(dim=1), ranks, scores.shape[1])

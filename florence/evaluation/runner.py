@@ -24,6 +24,7 @@ import logging
 import platform
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -190,9 +191,6 @@ class SuiteRunner:
         return features, labels
 
 
-# no_grad rather than inference_mode: the probes fit on these features with autograd,
-# which rejects inference tensors.
-@torch.no_grad()
 def encode_image_features(
     model: EvalModel,
     dataset: Any,
@@ -200,14 +198,19 @@ def encode_image_features(
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Encode every image of ``dataset`` (``(image, label)`` samples) into unnormalised float32 CPU features."""
+    """Encode every image of ``dataset`` (``(image, label)`` samples) into unnormalised float32 CPU features.
+
+    The forward passes run under ``torch.inference_mode``, which skips the autograd and
+    view bookkeeping that ``no_grad`` still does. The returned tensors are concatenated
+    outside it, so they are ordinary tensors that the probes can fit on with autograd.
+    """
     device = resolve_device(model, None)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     features, labels = [], []
-    with eval_mode(model):
+    with eval_mode(model), torch.inference_mode():
         for images, batch_labels in loader:
             with autocast(device, autocast_dtype):
-                batch_features = model.encode_image(images.to(device), normalize=False)
+                batch_features = model.encode_image(images.to(device, non_blocking=True), normalize=False)
             features.append(batch_features.float().cpu())
             labels.append(torch.as_tensor(batch_labels, dtype=torch.long))
 
@@ -216,7 +219,6 @@ def encode_image_features(
     return torch.cat(features), torch.cat(labels)
 
 
-@torch.no_grad()
 def encode_texts_by_length(
     model: EvalModel, texts: list[str], batch_size: int, autocast_dtype: torch.dtype | None = None
 ) -> Tensor:
@@ -226,25 +228,25 @@ def encode_texts_by_length(
     sort by the number of non-padding tokens), then put back in their order. A text tower
     that trims each batch to its longest text, as florence's does, then computes far less
     padding: about half the time on Flickr8k captions. Each text's features do not depend
-    on its batch, up to float rounding.
+    on its batch, up to float rounding. The forward passes run under ``torch.inference_mode``
+    and the result is an ordinary tensor.
     """
     check_string_list(texts, "texts", "a dog runs on the grass")
     device = resolve_device(model, None)
     tokens = model.tokenizer(list(texts))
     order = (tokens != 0).sum(dim=1).argsort(stable=True)
 
-    features = torch.empty(0)
-    with eval_mode(model):
+    batches = []
+    with eval_mode(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             with autocast(device, autocast_dtype):
                 batch_features = model.encode_text(tokens[rows].to(device), normalize=False)
+            batches.append((rows, F.normalize(batch_features.float(), dim=-1).cpu()))
 
-            batch_features = F.normalize(batch_features.float(), dim=-1).cpu()
-            if features.numel() == 0:
-                features = torch.empty(len(texts), batch_features.shape[1])
-            features[rows] = batch_features
-
+    features = torch.empty(len(texts), batches[0][1].shape[1])
+    for rows, batch_features in batches:
+        features[rows] = batch_features
     return features
 
 
@@ -312,7 +314,7 @@ def retrieval_metrics_with_ci(
     captions with it, so the several captions of one image, which are not independent
     queries, stay together. Point estimates equal ``retrieval_metrics``.
     """
-    from florence.evaluation.stats import bootstrap_ci
+    from florence.evaluation.stats import bootstrap_cis
 
     num_images = len(image_to_text)
     captions_per_image = torch.bincount(caption_to_image, minlength=num_images).double()
@@ -328,27 +330,32 @@ def retrieval_metrics_with_ci(
 
     recalls = list(statistics.values())
 
-    def mean_recall(rows: Tensor) -> float:
-        return sum(statistic(rows) for statistic in recalls) / len(recalls)
+    def mean_recall(rows: Tensor) -> Tensor:
+        # Summed one recall at a time, in order, as Python's sum() adds the point estimates.
+        total = recalls[0](rows)
+        for statistic in recalls[1:]:
+            total = total + statistic(rows)
+        return total / len(recalls)
 
     statistics["mean_recall"] = mean_recall
 
-    all_rows = torch.arange(len(captioned))
+    all_rows = torch.arange(len(captioned))[None, :]
+    intervals = bootstrap_cis(statistics, len(captioned), samples=samples, seed=seed)
     metrics: dict[str, float] = {}
     for name, statistic in statistics.items():
-        metrics[name] = statistic(all_rows)
-        low, high = bootstrap_ci(statistic, len(captioned), samples=samples, seed=seed)
-        metrics[f"{name}_ci_low"] = low
-        metrics[f"{name}_ci_high"] = high
+        metrics[name] = float(statistic(all_rows)[0])
+        metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = intervals[name]
     return metrics
 
 
-def _mean_statistic(hits: Tensor):
-    return lambda rows: 100.0 * float(hits[rows].mean())
+def _mean_statistic(hits: Tensor) -> Callable[[Tensor], Tensor]:
+    """Return the recall (percent) of each resample, a row of an index matrix ``[S, n]``."""
+    return lambda rows: 100.0 * hits[rows].mean(dim=-1)
 
 
-def _ratio_statistic(hits: Tensor, counts: Tensor):
-    return lambda rows: 100.0 * float(hits[rows].sum() / counts[rows].sum())
+def _ratio_statistic(hits: Tensor, counts: Tensor) -> Callable[[Tensor], Tensor]:
+    """Return the pooled recall (percent) of each resample: hits over captions of the drawn images."""
+    return lambda rows: 100.0 * (hits[rows].sum(dim=-1) / counts[rows].sum(dim=-1))
 
 
 def _train_test_features(runner: SuiteRunner, dataset: DatasetSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
