@@ -174,7 +174,8 @@ class FlorenceDetector(nn.Module):
 
         Returns a dict with ``cls_logits [B, N, K]``, ``box_deltas [B, N, 4]``, ``centerness [B, N]``
         and ``anchors`` (a list of ``[N_l, 4]`` per level), with ``N = sum_l H_l W_l``.
-        ``class_names`` defaults to the training classes; the linear classifier accepts no other list.
+        ``class_names`` defaults to the training classes; the linear classifier accepts any of
+        its training classes, in any order, and no others.
         """
         class_names = self._check_class_names(class_names)
         levels = self.features(images)
@@ -182,7 +183,7 @@ class FlorenceDetector(nn.Module):
 
         cls_logits, box_deltas, centerness = [], [], []
         for level, scale in zip(levels, self.box_scales):
-            cls_logits.append(self._classify(level, text).flatten(2).transpose(1, 2))
+            cls_logits.append(self._classify(level, class_names, text).flatten(2).transpose(1, 2))
             box_deltas.append(scale(self.box_head(level)).flatten(2).transpose(1, 2))
             centerness.append(self.centerness_head(level).flatten(1))
 
@@ -201,16 +202,21 @@ class FlorenceDetector(nn.Module):
         class_names = list(class_names)
         if not class_names:
             raise ValueError("no class names: pass class_names or set them in the detector config")
-        if self.model_config["classifier"] == "linear" and class_names != self.class_names:
-            raise ValueError(
-                f"the linear classifier was trained on {self.class_names} and cannot score {class_names}; "
-                "train with classifier=text for open class lists"
-            )
+        if self.model_config["classifier"] == "linear":
+            unknown = [name for name in class_names if name not in self.class_names]
+            if unknown:
+                raise ValueError(
+                    f"the linear classifier has no output for {unknown}; it knows {len(self.class_names)} classes "
+                    f"({', '.join(self.class_names[:10])}, ...). Train with classifier=text for open class lists"
+                )
         return class_names
 
-    def _classify(self, level: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    def _classify(self, level: torch.Tensor, class_names: list[str], text: torch.Tensor | None) -> torch.Tensor:
         if text is None:
-            return self.cls_head(level)
+            logits = self.cls_head(level)
+            if class_names == self.class_names:
+                return logits
+            return logits[:, [self.class_names.index(name) for name in class_names]]
         regions = F.normalize(self.region_projection(level), dim=1)
         cosine = torch.einsum("bdhw,kd->bkhw", regions, text.to(regions.dtype))
         return self.logit_scale.exp() * cosine + self.logit_bias

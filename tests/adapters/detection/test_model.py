@@ -61,11 +61,22 @@ def test_checkpoint_round_trip_gives_same_outputs(tmp_path):
     torch.testing.assert_close(actual, expected)
 
 
-def test_linear_classifier_rejects_other_class_list():
+def test_linear_classifier_rejects_unknown_class():
     model = tiny_detector(classifier="linear")
 
-    with pytest.raises(ValueError, match="linear classifier"):
+    with pytest.raises(ValueError, match="no output for \\['zebra'\\]"):
         model(torch.rand(1, 3, 32, 32), ["zebra"])
+
+
+def test_linear_classifier_selects_subset_of_classes():
+    model = tiny_detector(classifier="linear").eval()
+    images = torch.rand(1, 3, 32, 32)
+
+    with torch.no_grad():
+        both = model(images)["cls_logits"]
+        dog = model(images, ["dog"])["cls_logits"]
+
+    torch.testing.assert_close(dog, both[..., 1:])
 
 
 def test_predictions_clipped_to_image_size():
