@@ -300,7 +300,7 @@ def _detect_eval_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="florence detect eval", parents=[_verbose_parent()], description="COCO AP of a detector on COCO-format splits.")
     parser.add_argument("--checkpoint", required=True, help="detector model.safetensors from 'florence detect train'")
     parser.add_argument("--data", required=True, nargs="+", help="one or more dataset folders")
-    parser.add_argument("--split", help="split name for the annotations/ layout, e.g. valid")
+    parser.add_argument("--split", help="split name for the annotations/ layout, e.g. valid; a list such as test,val,valid takes the first that exists")
     parser.add_argument("--images", help="START:STOP range of the images sorted by id (default: all)")
     parser.add_argument("--zero-shot", action="store_true", help="prompt with each dataset's own class names and write a table across datasets")
     parser.add_argument("--table", help="with --zero-shot, also write the Markdown table to this file")
@@ -702,7 +702,9 @@ def _run_detect_eval(args) -> int:
         )
         name = dataset_name(Path(data).name)
         results[name] = metrics
-        rows.append({"dataset": name, "images": metrics["images"], "categories": metrics["categories"], "split": args.split or "all", "AP": metrics["AP"]})
+        rows.append(
+            {"dataset": name, "images": metrics["images"], "categories": metrics["categories"], "split": metrics["split"], "AP": metrics["AP"]}
+        )
         print(f"{name}: " + ", ".join(f"{key} {100 * metrics[key]:.1f}" for key in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     if args.zero_shot:
         table = format_zero_shot_table(rows, Path(args.checkpoint).parent.name or "this model")

@@ -34,7 +34,8 @@ def resolve_split(root: str | Path, split: str | None = None) -> CocoSplit:
 
     Two layouts are accepted: ``annotations/instances_<split>.json`` with ``images/<split>/``
     (the ODinW folders), and a single ``instances.json`` with ``images/`` (coco128_det), for
-    which ``split`` must be None.
+    which ``split`` must be None. ``split`` may list names separated by commas, such as
+    ``test,val,valid``; the first that exists is used, because datasets name their splits differently.
     """
     root = Path(root)
     if split is None and (root / "instances.json").is_file():
@@ -42,10 +43,13 @@ def resolve_split(root: str | Path, split: str | None = None) -> CocoSplit:
     annotations = sorted(p.name[len("instances_") : -len(".json")] for p in (root / "annotations").glob("instances_*.json"))
     if split is None:
         raise ValueError(f"{root} has no instances.json; pass a split, one of: {', '.join(annotations) or 'none found'}")
-    path = root / "annotations" / f"instances_{split}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"split {split!r} not found: {path} is missing; splits under {root}: {', '.join(annotations) or 'none'}")
-    return CocoSplit(path, root / "images" / split)
+    for name in split.split(","):
+        path = root / "annotations" / f"instances_{name.strip()}.json"
+        if path.is_file():
+            return CocoSplit(path, root / "images" / name.strip())
+    raise FileNotFoundError(
+        f"split {split!r} not found under {root}/annotations; splits there: {', '.join(annotations) or 'none'}"
+    )
 
 
 def parse_image_range(text: str | None, count: int) -> slice:

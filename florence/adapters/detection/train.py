@@ -201,7 +201,9 @@ def evaluate_detector(
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(split_paths.annotation_file))
     results: dict[str, Any] = coco_evaluate(coco, detections, dataset.image_ids)
+    stem = split_paths.annotation_file.stem
     results.update(
+        split="all" if stem == "instances" else stem.removeprefix("instances_"),
         images=len(dataset), categories=len(dataset.class_names), detections=len(detections),
         eval_seconds=time.perf_counter() - start,
     )

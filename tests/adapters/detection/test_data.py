@@ -63,7 +63,8 @@ def test_odinw_split_layout():
 
     assert split.annotation_file.name == "instances_valid.json"
     assert split.image_dir == root / "images" / "valid"
-    with pytest.raises(FileNotFoundError, match="splits under"):
+    assert resolve_split(root, "val,valid").image_dir == root / "images" / "valid"
+    with pytest.raises(FileNotFoundError, match="splits there"):
         resolve_split(root, "val")
 
 
