@@ -304,6 +304,7 @@ def _detect_eval_parser() -> ArgumentParser:
     parser.add_argument("--images", help="START:STOP range of the images sorted by id (default: all)")
     parser.add_argument("--zero-shot", action="store_true", help="prompt with each dataset's own class names and write a table across datasets")
     parser.add_argument("--table", help="with --zero-shot, also write the Markdown table to this file")
+    parser.add_argument("--label", help="model column name in the table (default: the folder of --checkpoint)")
     parser.add_argument("--image-size", type=int, default=640, help="longer image side in pixels")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--json", help="also write the metrics to this JSON file")
@@ -705,9 +706,14 @@ def _run_detect_eval(args) -> int:
         rows.append(
             {"dataset": name, "images": metrics["images"], "categories": metrics["categories"], "split": metrics["split"], "AP": metrics["AP"]}
         )
-        print(f"{name}: " + ", ".join(f"{key} {100 * metrics[key]:.1f}" for key in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+        # pycocotools reports -1 for a size class with no ground-truth box.
+        print(f"{name} ({metrics['split']}): " + ", ".join(
+            f"{key} {100 * metrics[key]:.1f}" if metrics[key] >= 0 else f"{key} n/a" for key in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        ))
     if args.zero_shot:
-        table = format_zero_shot_table(rows, Path(args.checkpoint).parent.name or "this model")
+        checkpoint = Path(args.checkpoint)
+        label = args.label or (checkpoint.name if checkpoint.is_dir() else checkpoint.parent.name) or "this model"
+        table = format_zero_shot_table(rows, label)
         print(table, end="")
         if args.table:
             from florence.checkpoint import atomic_write_bytes
