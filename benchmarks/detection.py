@@ -115,6 +115,7 @@ def measure_latency(model: FlorenceDetector, dataset: CocoDetection, runs: int, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    load_at_start = os.getloadavg()[0]
     torch.manual_seed(0)
     dataset = CocoDetection(resolve_split(args.data), max_size=640, flip=False)
     model = FlorenceDetector(class_names=dataset.class_names, classifier="text", **SIZES[args.size]).to(device)
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         ("training", f"{images_per_second:.2f} images/s (batch {args.batch_size}, {args.train_steps} timed steps)"),
         ("inference latency", f"median {statistics.median(latencies) * 1000:.0f} ms, min {min(latencies) * 1000:.0f} ms over {args.runs} runs (batch 1)"),
         ("device", str(device)),
+        ("load average at start", f"{load_at_start:.1f} (1 minute; other processes slow CPU runs down)"),
         *environment_rows(),
     ]
     command = "python -m benchmarks.detection " + shlex.join(argv if argv is not None else sys.argv[1:])
