@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("detector", f"{args.size}: {trainable / 1e6:.1f}M trainable parameters, text classifier with 80 COCO classes"),
         ("input", "coco128_det images, longer side 640, padded to a multiple of 32"),
-        ("training", f"{images_per_second:.2f} images/s (batch {args.batch_size}, {args.train_steps} timed steps)"),
+        ("training", f"{images_per_second:.2f} images/s (batch {args.batch_size}, timed steps: {args.train_steps})"),
         ("inference latency", f"median {statistics.median(latencies) * 1000:.0f} ms, min {min(latencies) * 1000:.0f} ms over {args.runs} runs (batch 1)"),
         ("device", str(device)),
         ("load average at start", f"{load_at_start:.1f} (1 minute; other processes slow CPU runs down)"),

@@ -147,7 +147,11 @@ class FlorenceDetector(nn.Module):
         return F.normalize(features.float(), dim=-1) if normalize else features
 
     def class_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
-        """Return unit-norm prompt-ensembled text embeddings ``[K, D]`` of ``class_names``, cached."""
+        """Return unit-norm prompt-ensembled text embeddings ``[K, D]`` of ``class_names``.
+
+        The last class list's embeddings are cached per device, which is valid because the text
+        tower is frozen. Loading new text weights after a forward pass needs ``_text_cache.clear()``.
+        """
         from florence.evaluation.zeroshot import build_zero_shot_classifier
         from florence.tokenizer import get_tokenizer
 
@@ -337,6 +341,7 @@ def load_florence_weights(detector: FlorenceDetector, path: str) -> None:
         elif name.startswith(("text.", "text_projection.")):
             renamed[name] = tensor
     result = detector.load_state_dict(renamed, strict=False)
+    detector._text_cache.clear()
     expected_missing = [n for n in result.missing_keys if n.startswith(("backbone.", "text.", "text_projection."))]
     if expected_missing:
         raise ValueError(f"{path} lacks encoder weights the detector needs: {expected_missing[:10]}")

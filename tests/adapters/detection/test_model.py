@@ -93,3 +93,18 @@ def test_predictions_clipped_to_image_size():
 def test_unknown_config_key_rejected():
     with pytest.raises(ValueError, match="unknown detector config keys"):
         tiny_detector(num_block=3)
+
+
+def test_florence_weights_initialise_encoders(tmp_path):
+    from florence.adapters.detection.model import load_florence_weights
+    from florence.models import create_model
+    from tests.adapters.detection.helpers import TINY_BACKBONE
+
+    florence = create_model("florence-tiny", **TINY_BACKBONE)
+    save_weights(florence, tmp_path / "florence.safetensors")
+    model = tiny_detector()
+
+    load_florence_weights(model, str(tmp_path / "florence.safetensors"))
+
+    torch.testing.assert_close(model.backbone.patch_embed.proj.weight, florence.visual.patch_embed.proj.weight)
+    torch.testing.assert_close(model.text_projection.weight, florence.text_projection.weight)
