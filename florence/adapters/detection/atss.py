@@ -46,9 +46,9 @@ def atss_assign(
 ) -> torch.Tensor:
     """Assign each anchor the index of its ground-truth box, or -1 for background.
 
-    For every ground-truth box: take the ``top_k`` anchors per level whose centres are closest
-    (L2) to the box centre; their IoU threshold is the mean plus the standard deviation
-    (unbiased) of the candidates' IoUs; a candidate is positive when its IoU is at least the
+    For every ground-truth box, the candidates are the ``top_k`` anchors per level whose centres
+    are closest (L2) to the box centre. The IoU threshold is the mean plus the unbiased standard
+    deviation of the candidates' IoUs. A candidate is positive when its IoU is at least the
     threshold and its centre lies strictly inside the box. An anchor positive for several
     boxes goes to the one it overlaps most.
 

@@ -23,7 +23,7 @@ SIZE_DIVISIBILITY = 32
 
 @dataclass(frozen=True)
 class CocoSplit:
-    """Where one split of a COCO-format dataset lives."""
+    """Annotation file and image folder of one split of a COCO-format dataset."""
 
     annotation_file: Path
     image_dir: Path

@@ -15,7 +15,7 @@ shapes. For every level ``l`` it
 The public DynamicHead code computes the offsets on ``P_l`` and also feeds them to the stride-1
 convolution of ``P_{l+1}``, whose output has ``P_{l+1}``'s smaller size, so the offsets are read
 at the wrong positions. Here every deformable convolution produces a map of ``P_l``'s size, so
-the offsets and masks computed on ``P_l`` always address the grid they were computed for;
+the offsets and masks computed on ``P_l`` always address the grid they were computed for.
 ``torchvision.ops.deform_conv2d`` raises if they ever do not.
 
 The hard sigmoid is ``relu6(x + 3) / 6`` and the dynamic ReLU maps its four outputs ``y`` to

@@ -16,7 +16,7 @@ class FeaturePyramid(nn.Module):
     the outputs are P3-P7 at strides 8-128. P6 is a 3x3 stride-2 convolution on P5 and each
     later level one on the ReLU of the previous level. Every 3x3 stride-2 convolution has
     padding 1, so a level of side ``n`` is followed by one of side ``ceil(n / 2)``, the same rule
-    as CoSwin's patch merging; the Dynamic Head relies on it.
+    as CoSwin's patch merging. The Dynamic Head relies on it.
     """
 
     def __init__(self, in_channels: Sequence[int], out_channels: int = 256, num_levels: int = 5) -> None:

@@ -321,7 +321,7 @@ def load_detector(path: str, device: str | torch.device | None = None) -> Floren
     metadata = read_metadata(path)
     if metadata.get("model_name") != MODEL_NAME:
         raise ValueError(
-            f"{path} holds a {metadata.get('model_name', 'unnamed')!r} model, not a detector; "
+            f"{path} contains a {metadata.get('model_name', 'unnamed')!r} model, not a detector; "
             "train one with 'florence detect train'"
         )
     model = FlorenceDetector(**json.loads(metadata["model_config"]))
@@ -344,5 +344,8 @@ def load_florence_weights(detector: FlorenceDetector, path: str) -> None:
     detector._text_cache.clear()
     expected_missing = [n for n in result.missing_keys if n.startswith(("backbone.", "text.", "text_projection."))]
     if expected_missing:
-        raise ValueError(f"{path} lacks encoder weights the detector needs: {expected_missing[:10]}")
+        raise ValueError(
+            f"{path} is missing encoder weights the detector needs: {expected_missing[:10]}; "
+            "pass a Florence checkpoint of the same backbone config"
+        )
     _logger.info("initialised the CoSwin and text tower from %s", path)

@@ -76,7 +76,7 @@ def _batches(dataset: CocoDetection, batch_size: int, seed: int, epoch: int, ski
 
 
 def train_detector(config: DetectionTrainConfig) -> dict[str, Any]:
-    """Train a detector as ``config`` says; write checkpoints, ``model.safetensors`` and metrics."""
+    """Train a detector as ``config`` sets out; write checkpoints, ``model.safetensors`` and metrics."""
     output_dir = Path(config.output_dir)
     if config.threads > 0:
         torch.set_num_threads(config.threads)

@@ -63,7 +63,7 @@ def test_box_coder_round_trip():
     torch.testing.assert_close(decoded, boxes)
 
 
-def test_centerness_is_one_at_box_centre_and_lower_off_centre():
+def test_centerness_centre_and_edge():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [-5.0, 0.0, 5.0, 10.0]])
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
 
