@@ -1,0 +1,1 @@
+"""Task adapters that put heads on the Florence encoders."""

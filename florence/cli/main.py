@@ -315,6 +315,75 @@ def _add_video(subparsers) -> None:
     embed.add_argument("--tower", choices=("frames", "video"), default="frames",
                        help="frames: mean of per-frame image embeddings; video: inflated Video CoSwin")
     embed.set_defaults(func=_run_video_embed, parser=embed)
+DETECT_USAGE = """florence detect train --data ROOT [options]
+       florence detect eval --checkpoint CKPT --data ROOT [ROOT ...] [--zero-shot] [options]
+       florence detect IMAGE --classes "person,dog" --checkpoint CKPT --out FILE.png"""
+
+
+def _add_detect(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "detect",
+        parents=[_verbose_parent()],
+        help="object detection: train, eval, or detect classes in an image",
+        usage=DETECT_USAGE,
+        description="Train and evaluate the Dynamic Head detector, or draw detections on IMAGE. "
+        "Run 'florence detect train -h' or 'florence detect eval -h' for their options.",
+    )
+    parser.add_argument("target", help="train, eval, or an image file")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="options of that command")
+    parser.set_defaults(func=_run_detect, parser=parser)
+
+
+def _detect_train_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="florence detect train", parents=[_verbose_parent()], description="Train a detector on a COCO-format split.")
+    parser.add_argument("--data", required=True, help="dataset folder: instances.json + images/, or annotations/instances_SPLIT.json + images/SPLIT/")
+    parser.add_argument("--split", help="split name for the annotations/ layout, e.g. train")
+    parser.add_argument("--images", help="START:STOP range of the images sorted by id, e.g. 0:32 (default: all)")
+    parser.add_argument("--output-dir", default="runs/detect", help="checkpoints, metrics.jsonl and model.safetensors go here")
+    parser.add_argument("--backbone", default="florence-t", help="florence model whose CoSwin and text tower to use (default: florence-t)")
+    parser.add_argument("--backbone-overrides", default="{}", help="JSON merged into the backbone model config, e.g. a smaller vision_cfg")
+    parser.add_argument("--init-from", help="Florence model.safetensors to initialise CoSwin and the text tower from")
+    parser.add_argument("--classifier", choices=["text", "linear"], default="text", help="text: dot product with prompt embeddings; linear: closed set")
+    parser.add_argument("--channels", type=int, default=256, help="FPN and Dynamic Head channels")
+    parser.add_argument("--blocks", type=int, default=6, help="Dynamic Head blocks")
+    parser.add_argument("--image-size", type=int, default=640, help="longer image side in pixels")
+    parser.add_argument("--no-flip", action="store_true", help="turn off random horizontal flips")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    parser.add_argument("--max-seconds", type=float, default=0.0, help="stop after this many seconds of training (0: no limit)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    return parser
+
+
+def _detect_eval_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="florence detect eval", parents=[_verbose_parent()], description="COCO AP of a detector on COCO-format splits.")
+    parser.add_argument("--checkpoint", required=True, help="detector model.safetensors from 'florence detect train'")
+    parser.add_argument("--data", required=True, nargs="+", help="one or more dataset folders")
+    parser.add_argument("--split", help="split name for the annotations/ layout, e.g. valid; a list such as test,val,valid takes the first that exists")
+    parser.add_argument("--images", help="START:STOP range of the images sorted by id (default: all)")
+    parser.add_argument("--zero-shot", action="store_true", help="prompt with each dataset's own class names and write a table across datasets")
+    parser.add_argument("--table", help="with --zero-shot, also write the Markdown table to this file")
+    parser.add_argument("--label", help="model column name in the table (default: the folder of --checkpoint)")
+    parser.add_argument("--image-size", type=int, default=640, help="longer image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--json", help="also write the metrics to this JSON file")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    return parser
+
+
+def _detect_image_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="florence detect IMAGE", parents=[_verbose_parent()], description="Detect the named classes in one image and draw them.")
+    parser.add_argument("--classes", required=True, help='comma-separated class names, e.g. "person,dog"')
+    parser.add_argument("--checkpoint", required=True, help="detector model.safetensors")
+    parser.add_argument("--out", required=True, help="output image with the boxes drawn, e.g. boxes.png")
+    parser.add_argument("--min-score", type=float, default=0.3, help="draw detections scoring at least this (0-1)")
+    parser.add_argument("--image-size", type=int, default=640, help="longer image side in pixels")
+    return parser
 
 
 def build_parser() -> ArgumentParser:
@@ -333,6 +402,7 @@ def build_parser() -> ArgumentParser:
     _add_export(subparsers)
     _add_benchmark(subparsers)
     _add_video(subparsers)
+    _add_detect(subparsers)
     return parser
 
 
@@ -776,6 +846,93 @@ def _run_video_embed(args) -> int:
     for path, error in failed:
         print(f"  unreadable: {path}: {error}")
     print(f"embeddings: {args.out}; next: florence index build {args.out} --out INDEX_DIR")
+def _run_detect(args) -> int:
+    if args.target == "train":
+        command_args, run = _detect_train_parser().parse_args(args.rest), _run_detect_train
+    elif args.target == "eval":
+        command_args, run = _detect_eval_parser().parse_args(args.rest), _run_detect_eval
+    else:
+        command_args, run = _detect_image_parser().parse_args(args.rest), _run_detect_image
+        command_args.image = args.target
+    if getattr(command_args, "verbose", False):
+        logging.getLogger().setLevel(logging.DEBUG)
+    return run(command_args)
+
+
+def _run_detect_train(args) -> int:
+    from florence.adapters.detection.train import DetectionTrainConfig, train_detector
+
+    detector = {
+        "backbone": args.backbone,
+        "backbone_overrides": json.loads(args.backbone_overrides),
+        "classifier": args.classifier,
+        "channels": args.channels,
+        "num_blocks": args.blocks,
+    }
+    config = DetectionTrainConfig(
+        data=args.data, output_dir=args.output_dir, split=args.split, image_range=args.images,
+        image_size=args.image_size, flip=not args.no_flip, detector=detector, init_from=args.init_from,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        checkpoint_every=args.checkpoint_every, max_seconds=args.max_seconds, resume=args.resume,
+        seed=args.seed, device=args.device,
+    )
+    _print_results(train_detector(config))
+    print(f"weights: {Path(args.output_dir) / 'model.safetensors'}")
+    return 0
+
+
+def _run_detect_eval(args) -> int:
+    from florence.adapters.detection import load_detector
+    from florence.adapters.detection.table import dataset_name, format_zero_shot_table
+    from florence.adapters.detection.train import evaluate_detector
+
+    model = load_detector(args.checkpoint, args.device)
+    results, rows = {}, []
+    for data in args.data:
+        metrics = evaluate_detector(
+            model, data, split=args.split, image_range=args.images, image_size=args.image_size,
+            batch_size=args.batch_size, device=args.device,
+        )
+        name = dataset_name(Path(data).name)
+        results[name] = metrics
+        rows.append(
+            {"dataset": name, "images": metrics["images"], "categories": metrics["categories"], "split": metrics["split"], "AP": metrics["AP"]}
+        )
+        # pycocotools reports -1 for a size class with no ground-truth box.
+        print(f"{name} ({metrics['split']}): " + ", ".join(
+            f"{key} {100 * metrics[key]:.1f}" if metrics[key] >= 0 else f"{key} n/a" for key in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        ))
+    if args.zero_shot:
+        checkpoint = Path(args.checkpoint)
+        label = args.label or (checkpoint.name if checkpoint.is_dir() else checkpoint.parent.name) or "this model"
+        table = format_zero_shot_table(rows, label)
+        print(table, end="")
+        if args.table:
+            from florence.checkpoint import atomic_write_bytes
+
+            atomic_write_bytes(args.table, table.encode())
+    _write_json(args.json, results)
+    return 0
+
+
+def _run_detect_image(args) -> int:
+    from PIL import Image
+
+    from florence.adapters.detection import load_detector
+    from florence.adapters.detection.draw import detect_image, draw_detections
+
+    class_names = [name.strip() for name in args.classes.split(",") if name.strip()]
+    if not class_names:
+        raise ValueError(f"--classes {args.classes!r} names no class; pass comma-separated names such as \"person,dog\"")
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"image {args.image} not found; the first argument after 'detect' is train, eval or an image file")
+    model = load_detector(args.checkpoint)
+    with Image.open(args.image) as image:
+        prediction = detect_image(model, image, class_names, args.image_size, args.min_score)
+        draw_detections(image, prediction, class_names, args.out)
+    for box, score, label in zip(prediction["boxes"].tolist(), prediction["scores"].tolist(), prediction["labels"].tolist()):
+        print(f"{class_names[label]}\t{score:.3f}\t" + " ".join(f"{v:.1f}" for v in box))
+    print(f"wrote {args.out} ({len(prediction['scores'])} boxes)")
     return 0
 
 
