@@ -241,6 +241,8 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="export format (default: onnx)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.set_defaults(func=_run_export, parser=parser)
+
+
 def _add_benchmark(subparsers) -> None:
     parser = subparsers.add_parser(
         "benchmark",
@@ -846,6 +848,9 @@ def _run_video_embed(args) -> int:
     for path, error in failed:
         print(f"  unreadable: {path}: {error}")
     print(f"embeddings: {args.out}; next: florence index build {args.out} --out INDEX_DIR")
+    return 0
+
+
 def _run_detect(args) -> int:
     if args.target == "train":
         command_args, run = _detect_train_parser().parse_args(args.rest), _run_detect_train
