@@ -48,9 +48,6 @@ _MAX_CACHED_LAYOUTS = 8
 class VideoCoSwinBlock(nn.Module):
     """Pre-norm Swin block over 3D windows, with the image model's parameter names."""
 
-    # TODO: move the classifier and pooling methods this class repeats from CoSwin
-    # (get_classifier, reset_classifier, forward_head, _make_head) into a shared base class.
-
     def __init__(
         self,
         dim: int,
@@ -209,6 +206,9 @@ class VideoCoSwin(nn.Module):
         ``stem_kernel_size``, ``stem_stride``, ``stem_padding`` (spatial), ``num_classes``,
         ``global_pool``, ``device``, ``dtype``.
     """
+
+    # TODO: move the classifier and pooling methods this class repeats from CoSwin
+    # (get_classifier, reset_classifier, forward_head, _make_head) into a shared base class.
 
     def __init__(
         self,
