@@ -411,6 +411,7 @@ def build_parser() -> ArgumentParser:
 def _run_train(args) -> int:
     from florence.config import load_config
     from florence.evaluation.tasks import build_evaluator
+    from florence.training.distributed import leave_process_group
     from florence.training.trainer import Trainer
 
     config_path = args.config
@@ -424,6 +425,9 @@ def _run_train(args) -> int:
 
     trainer = Trainer(config)
     results = trainer.fit(evaluate=build_evaluator(config, trainer.tokenizer))
+    # Every rank waits for rank 0's final evaluation, then leaves the process group before
+    # exiting: a Gloo group torn down by interpreter exit can abort under FSDP.
+    leave_process_group(trainer.distributed)
     if trainer.distributed.is_main_process:
         _print_results(results)
         print(f"weights: {Path(config.output_dir) / 'model.safetensors'}")

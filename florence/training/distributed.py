@@ -123,6 +123,14 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def leave_process_group(info: DistributedInfo) -> None:
+    """Wait for every rank, then leave the process group; does nothing in a single-process run."""
+    if not info.is_distributed or not dist.is_initialized():
+        return
+    dist.barrier()
+    destroy_distributed()
+
+
 def is_main_process() -> bool:
     """Return whether this process is rank 0 or the only process, the one that logs and writes files."""
     return not dist.is_initialized() or dist.get_rank() == 0
