@@ -130,7 +130,7 @@ def format_report(results: dict[str, dict[str, float]], command: str) -> str:
 
 
 def _ratios(results: dict[str, dict[str, float]]) -> list[str]:
-    """One sentence per (saver, plain) pair measured: memory saved and time added."""
+    """Return one sentence per measured (saver, plain) pair, with the memory saved and the time added."""
     pairs = [
         ("tiny-256-cache-32", "tiny-256"),
         ("t112-256-cache-32", "t112-256"),

@@ -239,7 +239,7 @@ quickstart's 450-second cap if the 650 steps take longer.
 
 The load average at the end was {load} (1, 5, 15 minutes). A run that stops at the time cap
 before step 650 has seen fewer images, so its accuracy measures the setup under that load,
-not the strategy: DDP and FSDP compute the same gradients (tests/training/test_fsdp.py), and
+not the strategy. DDP and FSDP compute the same gradients (tests/training/test_fsdp.py), and
 FSDP spends more of each step gathering parameters.
 
 Commands:

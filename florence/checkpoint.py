@@ -102,8 +102,8 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, strict: bool = Tru
     """Load weights trained at another window size, as the start of a new training stage.
 
     Each relative position bias table whose shape differs from ``model``'s is resized by
-    bicubic interpolation (the recipe Swin uses to go from window 7 at 224 to window 12 at
-    384); everything else must match. Only square windows are resized.
+    bicubic interpolation, the recipe Swin uses to go from window 7 at 224 to window 12 at
+    384. Every other tensor must match. Only square windows are resized.
     """
     from florence.models.layers import resize_relative_position_bias_table
 
@@ -130,7 +130,7 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, strict: bool = Tru
     if mismatched:
         source = read_metadata(path).get("model_name", "an unnamed model")
         raise ValueError(
-            f"{path} holds {source} weights, whose shapes differ from the model being trained in "
+            f"{path} contains {source} weights, whose shapes differ from the model being trained in "
             f"{len(mismatched)} tensors (first: {mismatched[0]} {tuple(state[mismatched[0]].shape)} against "
             f"{tuple(targets[mismatched[0]].shape)}); set model (and model_overrides) to the checkpoint's "
             "architecture, or start without init_from"

@@ -113,7 +113,7 @@ class TrainConfig:
     model: str = "florence-tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     # Weights to start from (a model.safetensors or a checkpoint folder), as a later stage of a
-    # staged recipe does; bias tables of another window size are resized. --resume wins over it.
+    # staged recipe does. Bias tables of another window size are resized, and --resume wins over it.
     init_from: str | None = None
     output_dir: str = "runs/quickstart"
     steps: int = 1000

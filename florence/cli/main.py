@@ -223,8 +223,8 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--templates", default="simple", help="prompt templates of /classify: heldout, imagenet, simple or a file (default: simple)")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default: 10)")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest uploaded image in pixels (default: 40000000)")
-    parser.add_argument("--max-labels", type=int, default=100, help="most labels per /classify request (default: 100)")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="most requests per model batch (default: 32)")
+    parser.add_argument("--max-labels", type=int, default=100, help="maximum labels per /classify request (default: 100)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="maximum requests per model batch (default: 32)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests, in ms (default: 5)")
     parser.set_defaults(func=_run_serve, parser=parser)
 
@@ -971,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-# What a user does after Ctrl-C, per command.
+# The resume instruction printed after Ctrl-C, per command.
 _RESUME_HINTS = {
     "train": "rerun with --resume to continue from the last checkpoint",
     "benchmark": "run the same command again to resume the suite",

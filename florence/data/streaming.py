@@ -197,7 +197,7 @@ def epoch_slots(
 ) -> list[list[tuple[int, int, int]]]:
     """Split one epoch-equivalent into ``num_slots`` lists of (shard, start, stop) segments.
 
-    Slot ``s`` holds samples ``s * samples_per_slot`` up to ``(s + 1) * samples_per_slot``
+    Slot ``s`` contains samples ``s * samples_per_slot`` up to ``(s + 1) * samples_per_slot``
     of the shards taken in an order drawn from ``(seed, epoch)``. Samples after the last slot
     are not used in this epoch-equivalent.
     """
@@ -343,7 +343,7 @@ class ShardStream(IterableDataset):
                 f"{workers}. Pass the same num_workers to stream() and to the DataLoader"
             )
 
-        # The DataLoader asks worker 0 first, so the worker roles rotate to make worker 0
+        # The DataLoader requests the first batch from worker 0, so the worker roles rotate to make worker 0
         # produce the batch at the start position.
         role = (worker + self.batch_in_epoch) % workers
         slot = self.rank * workers + role

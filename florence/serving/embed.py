@@ -127,7 +127,7 @@ def file_sha256(path: str | Path) -> str:
 
 @dataclass
 class EmbedSummary:
-    """What one embedding run did, counting readable and unreadable sources separately.
+    """Counts of one embedding run, with readable and unreadable sources counted separately.
 
     ``embedded`` and ``failed`` are the sources of this run; ``already_embedded`` and
     ``already_failed`` the sources found in the folder's parts, which this run skipped.
@@ -164,7 +164,7 @@ class EmbeddingStore:
     def open_for(self, manifest: dict) -> None:
         """Create the folder for ``manifest``, or check that an existing one was made with the same model.
 
-        Raises ValueError when the folder holds embeddings of another model or checkpoint,
+        Raises ValueError when the folder contains embeddings of another model or checkpoint,
         because mixing them in one index would make scores meaningless.
         """
         from florence.checkpoint import atomic_write_bytes
@@ -174,7 +174,7 @@ class EmbeddingStore:
             for key in ("model_name", "dim", "checkpoint_sha256"):
                 if existing.get(key) != manifest.get(key):
                     raise ValueError(
-                        f"{self.folder} holds embeddings with {key}={existing.get(key)!r}, but this run has "
+                        f"{self.folder} contains embeddings with {key}={existing.get(key)!r}, but this run has "
                         f"{key}={manifest.get(key)!r}; use another --out folder or the original checkpoint"
                     )
             return

@@ -125,7 +125,7 @@ class SearchIndex:
             raise ValueError(f"k={k} is out of range; pass k >= 1")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
-            raise ValueError(f"queries have size {queries.shape[1]} but the index holds vectors of size {self.dim}")
+            raise ValueError(f"queries have size {queries.shape[1]} but the index contains vectors of size {self.dim}")
         scores, rows = self.index.search(queries, min(k, len(self)))
         results = []
         for query_scores, query_rows in zip(scores, rows):

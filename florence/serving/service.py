@@ -80,7 +80,7 @@ class ModelService:
         thumbnail_size: int = 256,
     ) -> None:
         if index is not None and index.dim != embedder.dim:
-            raise ValueError(f"the index holds vectors of size {index.dim} but the model embeds to {embedder.dim}; use the index built with this model")
+            raise ValueError(f"the index contains vectors of size {index.dim} but the model embeds to {embedder.dim}; use the index built with this model")
         self.embedder = embedder
         self.index = index
         self.templates = resolve_templates(templates)

@@ -90,7 +90,7 @@ def test_full_size_recipe_configs_build(stage):
 def test_init_from_other_architecture_names_models(tmp_path):
     _run_stage(1, tmp_path, tiny_model_override())
 
-    with pytest.raises(ValueError, match="holds florence-tiny weights, whose shapes differ"):
+    with pytest.raises(ValueError, match="contains florence-tiny weights, whose shapes differ"):
         Trainer(
             load_config(
                 RECIPE / "tiny_stage2.yaml",
