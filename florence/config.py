@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 @dataclass
@@ -121,7 +121,8 @@ class TrainConfig:
     # follows ``steps``, so a run cut by time ends before its learning rate reaches ``min_lr``.
     max_seconds: float = 0.0
     seed: int = 0
-    # fp32; bf16 autocast; or fp16 autocast with dynamic loss scaling (GradScaler).
+    # fp32; bf16 autocast; fp16 autocast with dynamic loss scaling (GradScaler); or auto: bf16
+    # where the device has bfloat16 matrix instructions, else fp32 (florence.precision).
     precision: str = "fp32"
     # A step whose loss or gradient is not finite is skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 10

@@ -22,6 +22,7 @@ from florence.data.dataset import collate_image_text
 from florence.data.streaming import ShardedImageText, ShardStream
 from florence.data.transforms import normalize_batch
 from florence.models import count_parameters, create_model
+from florence.precision import resolve_precision
 from florence.tokenizer import get_tokenizer
 from florence.training.checkpointing import (
     TrainingState,
@@ -101,10 +102,11 @@ class Trainer:
             betas=config.optim.betas,
             eps=config.optim.eps,
         )
-        if config.precision == "fp16" and self.device.type == "cpu":
+        self.precision = resolve_precision(config.precision, self.device)
+        if self.precision == "fp16" and self.device.type == "cpu":
             _logger.warning("precision=fp16 is slow on the CPU, which lacks fast float16 matmuls; use bf16 there")
         # Dynamic loss scaling keeps float16 gradients from underflowing; a no-op otherwise.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.dataset = build_train_dataset(config)
         self.state = TrainingState(step=0, epoch=0, batch_in_epoch=0)
         self.skipped_samples = 0
@@ -199,9 +201,9 @@ class Trainer:
         return sampler, loader
 
     def _autocast(self):
-        if self.config.precision == "fp32":
+        if self.precision == "fp32":
             return nullcontext()
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _forward_backward(
