@@ -109,10 +109,15 @@ def records_to_markdown(records: list[dict[str, Any]]) -> str:
             interval = f"{low:.1f} to {high:.1f}" if low is not None else ""
             value = f"{metrics[name]:.1f}"
             std_name = name.replace("_mean", "_std")
-            if std_name != name and std_name in metrics:
+            if std_name != name and std_name in metrics and _seed_count(record) > 1:
                 value += f" ± {metrics[std_name]:.1f}"
             lines.append(f"| {record['model']['name']} | {record['dataset']} | {record['task']} | {name} | {value} | {interval} |")
     return "\n".join(lines) + "\n"
+
+
+def _seed_count(record: dict[str, Any]) -> int:
+    """Number of seeds a few-shot record averages over; a standard deviation needs at least two."""
+    return len(record.get("config", {}).get("options", {}).get("seeds", ()))
 
 
 def write_chart(records: list[dict[str, Any]], path: Path) -> None:
