@@ -20,13 +20,10 @@ exported tower is run on a batch of another size and checked against the PyTorch
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch import nn
@@ -166,27 +163,8 @@ def _check_export(tower: nn.Module, path: Path, inputs: torch.Tensor, input_name
     _logger.info("checked %s against PyTorch on a batch of %d: max difference %.2e", path.name, len(inputs), difference)
 
 
-@contextlib.contextmanager
-def _plain_token_permutation() -> Iterator[None]:
-    """Run CoSwin's window token permutation as a plain ``index_select`` while tracing.
-
-    CoSwin permutes tokens with a custom autograd Function (for a faster backward pass), and
-    TorchScript cannot save a graph that calls one. Its forward is ``index_select`` along dim 1,
-    so the traced graph computes the same values.
-    """
-    from florence.models import layers
-
-    def index_select(x: torch.Tensor, permutation: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        return x.index_select(1, permutation)
-
-    # NOTE: patches a private class for the duration of the trace; not safe while another
-    # thread runs the model.
-    with mock.patch.object(layers._PermuteTokens, "apply", staticmethod(index_select)):
-        yield
-
-
 def _export_torchscript(tower: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    with torch.no_grad(), _plain_token_permutation():
+    with torch.no_grad():
         traced = torch.jit.trace(tower, (example,), check_trace=False)
     traced.save(str(path))
     return path

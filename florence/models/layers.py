@@ -197,6 +197,18 @@ class _PermuteTokens(torch.autograd.Function):
         return _PermuteTokens.apply(grad_output, inverse, permutation), None, None
 
 
+def permute_tokens(x: torch.Tensor, permutation: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Gather the tokens of ``x`` ``[B, L, C]`` in ``permutation`` order (``inverse`` undoes it).
+
+    Uses ``_PermuteTokens`` only when a gradient is needed. Without one (inference, or a
+    ``torch.jit.trace`` under ``no_grad``) it is a plain ``index_select``, which TorchScript and
+    ONNX can record; a custom autograd Function cannot be saved in a TorchScript graph.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteTokens.apply(x, permutation, inverse)
+    return x.index_select(1, permutation)
+
+
 @dataclass(frozen=True, eq=False)
 class WindowLayout:
     """Window partition of one map size for one block: padding, shift, token order and mask.
@@ -234,7 +246,7 @@ class WindowLayout:
 
         x = x.reshape(batch_size, padded_height * padded_width, channels)
         if self.permutation is not None:
-            x = _PermuteTokens.apply(x, self.permutation, self.inverse_permutation)
+            x = permute_tokens(x, self.permutation, self.inverse_permutation)
         return x.view(batch_size * self.num_windows, self.window_area, channels)
 
     def reverse(self, windows: torch.Tensor) -> torch.Tensor:
@@ -243,7 +255,7 @@ class WindowLayout:
         padded_height, padded_width = self.padded_size
         x = windows.reshape(-1, padded_height * padded_width, channels)
         if self.permutation is not None:
-            x = _PermuteTokens.apply(x, self.inverse_permutation, self.permutation)
+            x = permute_tokens(x, self.inverse_permutation, self.permutation)
 
         x = x.view(-1, padded_height, padded_width, channels)
         height, width = self.size

@@ -18,7 +18,7 @@ from florence.models.layers import (
     SHIFT_MASK_VALUE,
     LayerNorm,
     WindowAttention,
-    _PermuteTokens,
+    permute_tokens,
 )
 
 Size3d = tuple[int, int, int]
@@ -138,7 +138,7 @@ class WindowLayout3d:
 
         x = x.reshape(batch_size, math.prod(self.padded_size), channels)
         if self.permutation is not None:
-            x = _PermuteTokens.apply(x, self.permutation, self.inverse_permutation)
+            x = permute_tokens(x, self.permutation, self.inverse_permutation)
         return x.view(batch_size * self.num_windows, self.window_volume, channels)
 
     def reverse(self, windows: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ class WindowLayout3d:
         channels = windows.shape[-1]
         x = windows.reshape(-1, math.prod(self.padded_size), channels)
         if self.permutation is not None:
-            x = _PermuteTokens.apply(x, self.inverse_permutation, self.permutation)
+            x = permute_tokens(x, self.inverse_permutation, self.permutation)
 
         x = x.view(-1, *self.padded_size, channels)
         time, height, width = self.size
