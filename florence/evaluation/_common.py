@@ -2,13 +2,17 @@
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Tokenizer = Callable[[list[str]], Tensor]
+
+T = TypeVar("T")
 
 
 def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -149,3 +153,28 @@ def first_positive_rank(scores: Tensor, positives: Tensor) -> Tensor:
     best_positive = positive_scores.argmax(dim=1)
     ranks = target_rank(scores, best_positive)
     return torch.where(positives.any(dim=1), ranks, scores.shape[1])
+
+
+def prefetch(batches: Iterable[T]) -> Iterator[T]:
+    """Yield the items of ``batches`` while a background thread already reads the next one.
+
+    With ``num_workers=0`` a ``DataLoader`` decodes and transforms a batch only when it is
+    asked for, so the model waits for the decoder and the decoder for the model. Reading one
+    batch ahead in a thread overlaps the two: image decoding and most tensor operations
+    release the GIL. The order is unchanged, and an exception raised while reading a batch
+    is raised here when that batch is due.
+
+    NOTE: only one batch is read ahead, and on a machine whose cores are all busy with the
+    forward pass the thread gains nothing. With loader worker processes, use the
+    ``DataLoader``'s own ``prefetch_factor`` instead.
+    """
+    iterator = iter(batches)
+    sentinel = object()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="florence-prefetch") as executor:
+        pending = executor.submit(next, iterator, sentinel)
+        while True:
+            batch = pending.result()
+            if batch is sentinel:
+                return
+            pending = executor.submit(next, iterator, sentinel)
+            yield batch

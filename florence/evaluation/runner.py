@@ -39,6 +39,7 @@ from florence.evaluation._common import (
     autocast,
     check_string_list,
     eval_mode,
+    prefetch,
     resolve_device,
 )
 from florence.evaluation.datasets import (
@@ -201,14 +202,16 @@ def encode_image_features(
     """Encode every image of ``dataset`` (``(image, label)`` samples) into unnormalised float32 CPU features.
 
     The forward passes run under ``torch.inference_mode``, which skips the autograd and
-    view bookkeeping that ``no_grad`` still does. The returned tensors are concatenated
+    view bookkeeping that ``no_grad`` still does. Without loader workers, the next batch is
+    decoded in a background thread while the model encodes the current one (``prefetch``). The returned tensors are concatenated
     outside it, so they are ordinary tensors that the probes can fit on with autograd.
     """
     device = resolve_device(model, None)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    batches = prefetch(loader) if num_workers == 0 else loader
     features, labels = [], []
     with eval_mode(model), torch.inference_mode():
-        for images, batch_labels in loader:
+        for images, batch_labels in batches:
             with autocast(device, autocast_dtype):
                 batch_features = model.encode_image(images.to(device, non_blocking=True), normalize=False)
             features.append(batch_features.float().cpu())
