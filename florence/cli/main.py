@@ -1003,7 +1003,11 @@ def _zero_shot_video_eval(args):
 def _classifier_video_eval(args):
     import torch
 
-    from florence.adapters.video.classifier import CONFIG_NAME, find_classifier_files, load_video_classifier
+    from florence.adapters.video.classifier import (
+        CONFIG_NAME,
+        find_classifier_files,
+        load_video_classifier,
+    )
     from florence.adapters.video.evaluate import ViewSampling
 
     model, config = load_video_classifier(args.checkpoint)

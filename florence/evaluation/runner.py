@@ -53,7 +53,11 @@ from florence.evaluation.datasets import (
 from florence.evaluation.models import EvalModel
 from florence.evaluation.retrieval import retrieval_ranks
 from florence.evaluation.suite import RunSpec, Suite
-from florence.evaluation.video import VideoRetrievalSplit, build_video_retrieval_split, run_video_retrieval
+from florence.evaluation.video import (
+    VideoRetrievalSplit,
+    build_video_retrieval_split,
+    run_video_retrieval,
+)
 from florence.evaluation.zeroshot import build_zero_shot_classifier
 from florence.version import __version__
 

@@ -26,7 +26,13 @@ from torch import Tensor
 
 from florence.data.sources import read_caption_table
 from florence.evaluation._common import autocast, resolve_device
-from florence.evaluation.datasets import DatasetSpec, SplitSpec, _annotation_digest, _check_exists, _subset
+from florence.evaluation.datasets import (
+    DatasetSpec,
+    SplitSpec,
+    _annotation_digest,
+    _check_exists,
+    _subset,
+)
 
 if TYPE_CHECKING:
     from florence.evaluation.runner import SuiteRunner
@@ -147,8 +153,11 @@ def run_video_retrieval(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec)
     Videos that cannot be decoded are left out with their captions and counted in
     ``num_unreadable_videos``.
     """
-    from florence.evaluation.runner import encode_texts_by_length, retrieval_metrics_with_ci
     from florence.evaluation.retrieval import retrieval_ranks
+    from florence.evaluation.runner import (
+        encode_texts_by_length,
+        retrieval_metrics_with_ci,
+    )
     from florence.evaluation.tasks import model_image_size
 
     split = runner.split(dataset, "test")

@@ -10,7 +10,12 @@ from florence.cli.main import main
 from florence.evaluation.datasets import DatasetSpec, SplitSpec
 from florence.evaluation.suite import SuiteError, load_suite
 from florence.evaluation.video import build_video_retrieval_split, read_video_captions
-from tests.evaluation.benchmark_helpers import REPO_ROOT, flickr_dataset, require_shared, write_suite
+from tests.evaluation.benchmark_helpers import (
+    REPO_ROOT,
+    flickr_dataset,
+    require_shared,
+    write_suite,
+)
 
 
 def _video_dataset() -> dict:
@@ -75,7 +80,11 @@ def test_shared_suite_runs_video_retrieval(tmp_path, capsys) -> None:
 
 
 def test_video_retrieval_matches_adapter_metrics(tmp_path) -> None:
-    from florence.adapters.video.retrieval import encode_captions, encode_videos, video_text_retrieval
+    from florence.adapters.video.retrieval import (
+        encode_captions,
+        encode_videos,
+        video_text_retrieval,
+    )
     from florence.evaluation.models import load_eval_model
     from florence.evaluation.runner import run_suite
 

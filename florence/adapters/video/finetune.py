@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader
 
-from florence.adapters.video.classifier import classifier_config, write_classifier_config
+from florence.adapters.video.classifier import (
+    classifier_config,
+    write_classifier_config,
+)
 from florence.adapters.video.dataset import VideoDataset
 from florence.adapters.video.model import VideoCoSwin
 from florence.training.checkpointing import (

@@ -106,7 +106,10 @@ def read_caption_candidates(path: str | Path) -> list[tuple[Path, list[str], int
 def _candidate_entry(entry: object, path: Path, number: int) -> tuple[Path, list[str], int | None]:
     where = f"{path}, entry {number}"
     if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):
-        raise ValueError(f"{where}: expected an object with 'video' and 'candidates', got {str(entry)[:80]}")
+        # A malformed file is invalid input data, reported as ValueError like the other checks here.
+        raise ValueError(  # noqa: TRY004
+            f"{where}: expected an object with 'video' and 'candidates', got {str(entry)[:80]}"
+        )
     captions = entry.get("candidates")
     if not isinstance(captions, list) or not captions or not all(isinstance(text, str) and text.strip() for text in captions):
         raise ValueError(f"{where}: 'candidates' must be a non-empty list of non-empty captions")
