@@ -266,7 +266,7 @@ def _add_benchmark(subparsers) -> None:
 
 
 def _add_video(subparsers) -> None:
-    parser = subparsers.add_parser("video", help="video models: zero-shot action recognition")
+    parser = subparsers.add_parser("video", help="video models: action recognition (zero-shot or fine-tuned), embedding and search")
     commands = parser.add_subparsers(dest="video_command", required=True, parser_class=ArgumentParser)
     classify = commands.add_parser(
         "classify", parents=[_verbose_parent()], help="rank action labels for video clips (zero-shot)"
@@ -317,6 +317,62 @@ def _add_video(subparsers) -> None:
     embed.add_argument("--tower", choices=("frames", "video"), default="frames",
                        help="frames: mean of per-frame image embeddings; video: inflated Video CoSwin")
     embed.set_defaults(func=_run_video_embed, parser=embed)
+    _add_video_eval(commands)
+    _add_video_search(commands)
+
+
+def _add_video_eval(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        parents=[_verbose_parent()],
+        help="action recognition accuracy of a fine-tuned classifier or of zero-shot labels on labelled videos",
+        description="Score every video of DATA over num-clips x num-crops test views, average the scores, and "
+        "print top-1, top-5 and mean per-class recall in percent with 95% bootstrap intervals over the videos.",
+    )
+    evaluate.add_argument("data", help="CSV with path and label columns, or a folder with one subfolder per class")
+    evaluate.add_argument("--checkpoint", help="the --output-dir of 'florence video train' or one of its "
+                          f"checkpoints/step_* folders; with --zero-shot, a Florence model.safetensors (default: {DEFAULT_CHECKPOINT})")
+    evaluate.add_argument("--zero-shot", action="store_true", help="rank class names by image-text similarity instead of a trained head")
+    labels = evaluate.add_mutually_exclusive_group()
+    labels.add_argument("--labels", help="--zero-shot: comma-separated class names (default: the labels in DATA)")
+    labels.add_argument("--label-map", help="--zero-shot: kinetics400, ucf101, ntu60, or a text file with one class per line")
+    evaluate.add_argument("--label-column", default="label", help="CSV column with the class name (default: label)")
+    evaluate.add_argument("--templates", help="--zero-shot: template set (video, heldout, imagenet, simple) or a text file (default: video)")
+    evaluate.add_argument("--tower", choices=("frames", "video"), help="--zero-shot: frames (mean of per-frame image "
+                          "embeddings, the default) or video (inflated Video CoSwin)")
+    evaluate.add_argument("--num-frames", type=int, help="frames per clip (default: the classifier's, or 8 with --zero-shot)")
+    evaluate.add_argument("--sampling", choices=("uniform", "dense"), help="frame sampling (default: the classifier's, or uniform)")
+    evaluate.add_argument("--frame-interval", type=int, help="frames between samples in dense sampling (default: the classifier's, or 2)")
+    evaluate.add_argument("--num-clips", type=int, default=1, help="temporal test clips per video (default: 1)")
+    evaluate.add_argument("--num-crops", type=int, choices=(1, 3), default=1, help="spatial test crops per clip (default: 1)")
+    evaluate.add_argument("--image-size", type=int, help="crop size in pixels (default: the classifier's or the model's input size)")
+    evaluate.add_argument("--bootstrap-samples", type=int, default=1000, help="resamples behind the 95%% intervals (default: 1000)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default: 0)")
+    evaluate.add_argument("--per-video", action="store_true", help="also print each video's label and top-1 prediction")
+    evaluate.add_argument("--out", help="write the metrics, settings and per-video predictions to this JSON file")
+    evaluate.set_defaults(func=_run_video_eval, parser=evaluate)
+
+
+def _add_video_search(commands) -> None:
+    search = commands.add_parser(
+        "search",
+        parents=[_verbose_parent()],
+        help="search a video index by text, or rank candidate captions for a video",
+        description="With --index: print the videos of an index (from 'florence video embed' and 'florence index "
+        "build') most similar to QUERY. With --captions-json: rank each listed video's candidate captions.",
+    )
+    search.add_argument("query", nargs="?", help='text query, e.g. "a dog playing in the snow"')
+    search.add_argument("--index", help="index folder built from 'florence video embed' output")
+    search.add_argument("--top", type=int, help=f"number of videos (default: {DEFAULT_SEARCH_K}, or all of a smaller index)")
+    search.add_argument("--captions-json", help="JSON file with 'video', 'candidates' and optional 'intended_match_index' "
+                        "(one object or a list); ranks the candidates for each video instead of searching an index")
+    search.add_argument("--checkpoint", help=f"model.safetensors (default: the index's checkpoint, else {DEFAULT_CHECKPOINT})")
+    search.add_argument("--num-frames", type=int, default=8, help="--captions-json: frames sampled per clip (default: 8)")
+    search.add_argument("--num-clips", type=int, default=1, help="--captions-json: temporal clips per video, embeddings averaged (default: 1)")
+    search.add_argument("--tower", choices=("frames", "video"), default="frames",
+                        help="--captions-json: frames (mean of per-frame image embeddings) or video (inflated Video CoSwin)")
+    search.add_argument("--json", action="store_true", help="print the results as JSON lines")
+    search.set_defaults(func=_run_video_search, parser=search)
 DETECT_USAGE = """florence detect train --data ROOT [options]
        florence detect eval --checkpoint CKPT --data ROOT [ROOT ...] [--zero-shot] [options]
        florence detect IMAGE --classes "person,dog" --checkpoint CKPT --out FILE.png"""
@@ -678,7 +734,6 @@ def _run_search(args) -> int:
         decode_image,
         describe_read_error,
     )
-    from florence.serving.embed import Embedder
     from florence.serving.index import SearchIndex
 
     _quiet_faiss_loader(args)
@@ -696,15 +751,22 @@ def _run_search(args) -> int:
         except (*IMAGE_LOAD_ERRORS, ImageTooLargeError) as error:
             raise ValueError(f"cannot read image {args.image}: {describe_read_error(error)}") from None
 
-    embedder = Embedder.from_checkpoint(_serving_checkpoint(args.checkpoint, index))
-    query = embedder.encode_images([image]) if image is not None else embedder.encode_texts([args.query])
+    _print_search_hits(index, args.checkpoint, k, args.json, text=args.query, image=image)
+    return 0
+
+
+def _print_search_hits(index, checkpoint: str | None, k: int, as_json: bool, text: str | None = None, image=None) -> None:
+    """Embed a text or an image query with the index's checkpoint and print the ``k`` best rows."""
+    from florence.serving.embed import Embedder
+
+    embedder = Embedder.from_checkpoint(_serving_checkpoint(checkpoint, index))
+    query = embedder.encode_images([image]) if image is not None else embedder.encode_texts([text])
 
     for rank, hit in enumerate(index.search(query, k)[0], start=1):
-        if args.json:
+        if as_json:
             print(json.dumps({"rank": rank, "score": hit.score, "source": hit.source}))
         else:
             print(f"{rank:3d}  {hit.score:.4f}  {hit.source}")
-    return 0
 
 
 def _run_serve(args) -> int:
@@ -763,22 +825,12 @@ def _run_benchmark(args) -> int:
 
 def _run_video_classify(args) -> int:
     from florence.adapters.video.io import VideoDecodeError
-    from florence.adapters.video.zeroshot import (
-        VIDEO_TEMPLATES,
-        classify_videos,
-        read_label_map,
-    )
+    from florence.adapters.video.zeroshot import classify_videos
     from florence.checkpoint import load_model
-    from florence.evaluation.templates import resolve_templates
     from florence.tokenizer import get_tokenizer
 
-    if args.labels is not None:
-        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-        if len(labels) < 2:
-            raise ValueError(f"--labels {args.labels!r} must name at least two comma-separated labels")
-    else:
-        labels = read_label_map(args.label_map)
-    templates = list(VIDEO_TEMPLATES) if args.templates == "video" else resolve_templates(args.templates)
+    labels = _video_labels(args)
+    templates = _video_templates(args.templates)
     missing = [clip for clip in args.clips if not Path(clip).is_file()]
     if missing:
         raise FileNotFoundError(f"video files not found: {', '.join(missing)}")
@@ -807,6 +859,25 @@ def _run_video_classify(args) -> int:
         for label, probability in zip(prediction.top_labels, prediction.top_probabilities):
             print(f"  {probability * 100:6.2f}%  {label}")
     return 0
+
+
+def _video_labels(args) -> list[str]:
+    """Return the class names of --labels or --label-map."""
+    from florence.adapters.video.zeroshot import read_label_map
+
+    if args.labels is None:
+        return read_label_map(args.label_map)
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if len(labels) < 2:
+        raise ValueError(f"--labels {args.labels!r} must name at least two comma-separated labels")
+    return labels
+
+
+def _video_templates(spec: str) -> list[str]:
+    from florence.adapters.video.zeroshot import VIDEO_TEMPLATES
+    from florence.evaluation.templates import resolve_templates
+
+    return list(VIDEO_TEMPLATES) if spec == "video" else resolve_templates(spec)
 
 
 def _run_video_train(args) -> int:
@@ -852,6 +923,214 @@ def _run_video_embed(args) -> int:
     for path, error in failed:
         print(f"  unreadable: {path}: {error}")
     print(f"embeddings: {args.out}; next: florence index build {args.out} --out INDEX_DIR")
+    return 0
+
+
+def _run_video_eval(args) -> int:
+    from florence.adapters.video.evaluate import evaluate_video_classification
+    from florence.adapters.video.io import VideoDecodeError
+
+    _check_video_eval_args(args)
+    build = _zero_shot_video_eval if args.zero_shot else _classifier_video_eval
+    score_views, dataset, views, settings = build(args)
+    try:
+        result = evaluate_video_classification(
+            score_views, dataset, views, seed=args.seed, bootstrap_samples=args.bootstrap_samples
+        )
+    except VideoDecodeError as error:
+        raise ValueError(f"{error}; check that the file is a complete video") from error
+    _print_video_eval(args, dataset, views, result)
+    if args.out:
+        _write_video_eval_record(args, dataset, views, settings, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _check_video_eval_args(args) -> None:
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"video data {args.data} not found; pass a CSV with path and label columns or a folder of class folders")
+    if not args.zero_shot:
+        for option in ("labels", "label_map", "templates", "tower"):
+            if getattr(args, option) is not None:
+                raise ValueError(f"--{option.replace('_', '-')} applies only with --zero-shot; a classifier uses the classes it was trained on")
+        if args.checkpoint is None:
+            raise ValueError("pass --checkpoint with the --output-dir of 'florence video train', or --zero-shot for an image-text model")
+    for option in ("num_frames", "frame_interval", "num_clips", "image_size", "bootstrap_samples"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} {value} is out of range; pass a positive integer")
+
+
+def _video_eval_dataset(args, classes: list[str] | None, class_source: str):
+    """Read the labelled videos of DATA; with ``classes``, every label must be one of them."""
+    from florence.adapters.video.dataset import VideoDataset
+
+    try:
+        return VideoDataset(args.data, classes=classes, label_column=args.label_column)
+    except ValueError as error:
+        if classes is None:
+            raise
+        raise ValueError(
+            f"{error}. Here the classes come from {class_source}, so pick a --label-column whose values are among them"
+        ) from None
+
+
+def _zero_shot_video_eval(args):
+    from florence.adapters.video.evaluate import ViewSampling
+    from florence.adapters.video.zeroshot import zero_shot_scorer
+    from florence.checkpoint import load_model
+    from florence.tokenizer import get_tokenizer
+
+    checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    model = load_model(checkpoint)
+    classes = _video_labels(args) if args.labels is not None or args.label_map is not None else None
+    dataset = _video_eval_dataset(args, classes, "--labels" if args.labels else "--label-map")
+    templates = _video_templates(args.templates or "video")
+    tower = args.tower or "frames"
+    views = ViewSampling(
+        num_frames=args.num_frames or 8,
+        image_size=args.image_size or model.visual.img_size[0],
+        sampling=args.sampling or "uniform",
+        frame_interval=args.frame_interval or 2,
+        num_clips=args.num_clips,
+        num_crops=args.num_crops,
+    )
+    score_views = zero_shot_scorer(model, get_tokenizer(), dataset.classes, templates, tower)
+    settings = {"mode": "zero-shot", "checkpoint": str(Path(checkpoint).resolve()), "tower": tower, "templates": templates}
+    return score_views, dataset, views, settings
+
+
+def _classifier_video_eval(args):
+    import torch
+
+    from florence.adapters.video.classifier import (
+        CONFIG_NAME,
+        find_classifier_files,
+        load_video_classifier,
+    )
+    from florence.adapters.video.evaluate import ViewSampling
+
+    model, config = load_video_classifier(args.checkpoint)
+    dataset = _video_eval_dataset(args, config.classes, f"the classifier's {CONFIG_NAME}")
+    views = ViewSampling(
+        num_frames=args.num_frames or config.num_frames,
+        image_size=args.image_size or config.image_size,
+        sampling=args.sampling or config.sampling,
+        frame_interval=args.frame_interval or config.frame_interval,
+        num_clips=args.num_clips,
+        num_crops=args.num_crops,
+    )
+    weights = find_classifier_files(args.checkpoint)[1]
+
+    @torch.inference_mode()
+    def score_views(clips):
+        return model(clips).softmax(dim=-1)
+
+    return score_views, dataset, views, {"mode": "classifier", "checkpoint": str(weights.resolve())}
+
+
+def _print_video_eval(args, dataset, views, result) -> None:
+    metrics = result.metrics
+    print(
+        f"{args.data}: {metrics['num_videos']} videos, {metrics['num_classes']} classes, {views.num_clips} clip(s) x "
+        f"{views.num_crops} crop(s) of {views.num_frames} frames at {views.image_size} px"
+    )
+    print(f"{'metric':<24}{'value (%)':>10}  95% CI")
+    for name in ("top1", "top5", "mean_per_class_recall"):
+        print(f"{name:<24}{metrics[name]:>10.1f}  {metrics[name + '_ci_low']:.1f} to {metrics[name + '_ci_high']:.1f}")
+    if len(dataset.classes) <= 5:
+        print(f"(top5 covers all {len(dataset.classes)} classes, so it is 100)")
+    for path, error in result.unreadable:
+        print(f"  unreadable: {path}: {error}")
+    if args.per_video:
+        for prediction in result.predictions:
+            print(f"  {prediction['path']}: label {prediction['label']!r} (rank {prediction['label_rank']}), "
+                  f"top-1 {prediction['top_labels'][0]!r}")
+
+
+def _write_video_eval_record(args, dataset, views, settings: dict, result) -> None:
+    from dataclasses import asdict
+    from datetime import UTC, datetime
+
+    from florence.checkpoint import atomic_write_bytes
+    from florence.version import __version__
+
+    record = {
+        "task": "video_classification",
+        **settings,
+        "data": str(Path(args.data).resolve()),
+        "label_column": args.label_column,
+        "classes": dataset.classes,
+        "views": asdict(views),
+        "seed": args.seed,
+        "bootstrap_samples": args.bootstrap_samples,
+        "metrics": result.metrics,
+        "predictions": result.predictions,
+        "unreadable": [{"path": path, "error": error} for path, error in result.unreadable],
+        "florence_version": __version__,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    atomic_write_bytes(args.out, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _run_video_search(args) -> int:
+    from florence.serving.index import SearchIndex
+
+    if args.captions_json is not None:
+        if args.query is not None or args.index is not None:
+            raise ValueError("--captions-json ranks the candidate captions of the videos in that file; drop QUERY and --index")
+        return _rank_video_captions(args)
+    if args.query is None or args.index is None:
+        raise ValueError('give a text query and --index DIR, e.g. florence video search "a dog in the snow" --index DIR, '
+                         "or --captions-json FILE")
+
+    _quiet_faiss_loader(args)
+    index = SearchIndex.load(args.index)
+    _check_video_index(index, args.index)
+    k = min(DEFAULT_SEARCH_K, len(index)) if args.top is None else args.top
+    if not 1 <= k <= len(index):
+        raise ValueError(f"--top {k} is out of range; pass 1 <= --top <= {len(index)}, the number of indexed videos")
+    _print_search_hits(index, args.checkpoint, k, args.json, text=args.query)
+    return 0
+
+
+def _check_video_index(index, folder: str) -> None:
+    """Raise unless every source of ``index`` is a video file (as 'florence video embed' writes them)."""
+    from florence.adapters.video.io import VIDEO_EXTENSIONS
+
+    others = [source for source in index.sources if Path(source).suffix.lower() not in VIDEO_EXTENSIONS]
+    if others:
+        raise ValueError(
+            f"{folder} is not a video index: {len(others)} of its {len(index)} sources are not videos (e.g. {others[0]}); "
+            "build it from 'florence video embed' output, or use 'florence search' for image indexes"
+        )
+
+
+def _rank_video_captions(args) -> int:
+    from florence.adapters.video.io import VideoDecodeError
+    from florence.adapters.video.retrieval import rank_caption_candidates
+    from florence.checkpoint import load_model
+    from florence.tokenizer import get_tokenizer
+
+    model = load_model(args.checkpoint or DEFAULT_CHECKPOINT)
+    options = {"num_frames": args.num_frames, "num_clips": args.num_clips, "tower": args.tower}
+    try:
+        rankings = rank_caption_candidates(model, get_tokenizer(), args.captions_json, **options)
+    except VideoDecodeError as error:
+        raise ValueError(f"{error}; check the 'video' path in {args.captions_json}") from error
+    for ranking in rankings:
+        if not args.json:
+            print(ranking.video)
+        for rank, caption_index in enumerate(ranking.order, start=1):
+            intended = caption_index == ranking.intended_index
+            score, caption = ranking.scores[caption_index], ranking.captions[caption_index]
+            if args.json:
+                print(json.dumps({"video": str(ranking.video), "rank": rank, "score": score, "candidate": caption_index,
+                                  "caption": caption, "intended": intended}))
+            else:
+                print(f"{rank:3d}  {score:.4f}  [{caption_index}] {caption}{'  (intended)' if intended else ''}")
+        if ranking.intended_rank is not None and not args.json:
+            print(f"intended caption [{ranking.intended_index}] ranks {ranking.intended_rank} of {len(ranking.captions)}")
     return 0
 
 

@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 CLASSIFICATION_FORMATS = ("folder", "csv", "wds")
 RETRIEVAL_FORMATS = ("coco", "captions", "wds")
-FORMATS = ("folder", "csv", "coco", "captions", "wds")
+# Caption tables of video files (florence.evaluation.video), for the video_retrieval task.
+VIDEO_FORMATS = ("video_captions",)
+FORMATS = ("folder", "csv", "coco", "captions", "wds", "video_captions")
 SPLIT_KEYS = ("path", "archive", "classes_file", "image_root", "max_images")
 
 # WebDataset member suffixes read for the image, the class index and the captions.
@@ -51,11 +53,12 @@ class SplitSpec:
 
     ``path`` is a class folder root, a CSV of ``path,class_name`` rows, a COCO caption JSON,
     a caption TSV/CSV, or a WebDataset shard pattern (``shards/test-{000000..000009}.tar``).
+    A ``video_captions`` split may give a list of caption tables.
     ``max_images`` keeps a seeded random subset of that many images (the first ones in shard
     order for WebDataset, which cannot be indexed).
     """
 
-    path: str
+    path: str | list[str]
     archive: str | None = None
     classes_file: str | None = None
     image_root: str | None = None

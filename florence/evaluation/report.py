@@ -2,8 +2,8 @@
 
 The CSV has one row per (model, dataset, task, metric) with the value and its 95% CI. The
 Markdown table and the chart show each task's headline metrics: top-1 for the
-classification tasks, R@1 both ways for retrieval, and the mean top-1 per shot count for
-few-shot.
+classification tasks, R@1 both ways for image and video retrieval, and the mean top-1 per
+shot count for few-shot.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def headline_metrics(record: dict[str, Any]) -> list[str]:
     """Return the metric names a report shows for a record's task."""
     metrics = record["metrics"]
     task = record["task"]
-    if task == "retrieval":
-        return [name for name in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5", "text_to_image_R@5") if name in metrics]
+    if task in ("retrieval", "video_retrieval"):
+        media = "video" if task == "video_retrieval" else "image"
+        names = (f"{media}_to_text_R@1", f"text_to_{media}_R@1", f"{media}_to_text_R@5", f"text_to_{media}_R@5")
+        return [name for name in names if name in metrics]
     if task == "few_shot":
         return sorted((name for name in metrics if re.fullmatch(r"\d+shot_top1_mean", name)), key=lambda name: int(name.split("shot")[0]))
     if task == "zeroshot":
@@ -50,7 +52,7 @@ def headline_metrics(record: dict[str, Any]) -> list[str]:
 def chart_metrics(record: dict[str, Any]) -> list[str]:
     """Return the metrics a chart shows: R@1 both ways, the largest few-shot k, else top-1."""
     names = headline_metrics(record)
-    if record["task"] == "retrieval":
+    if record["task"] in ("retrieval", "video_retrieval"):
         return names[:2]
     if record["task"] == "few_shot":
         return names[-1:]

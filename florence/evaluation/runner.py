@@ -3,7 +3,7 @@
 Layout of the output folder::
 
     records/<model-key>/<dataset>__<task>.json   one record per finished run
-    features/<cache-key>.pt                      frozen image features and labels
+    features/<cache-key>.pt                      frozen image features and labels (not videos)
     finetune/<model-key>/<dataset>/              fine-tuned weights
     results.csv, results.md, results.png         reports across every record in the folder
 
@@ -43,6 +43,7 @@ from florence.evaluation._common import (
     resolve_device,
 )
 from florence.evaluation.datasets import (
+    VIDEO_FORMATS,
     ClassificationSplit,
     DatasetSpec,
     RetrievalSplit,
@@ -53,6 +54,11 @@ from florence.evaluation.datasets import (
 from florence.evaluation.models import EvalModel
 from florence.evaluation.retrieval import retrieval_ranks
 from florence.evaluation.suite import RunSpec, Suite
+from florence.evaluation.video import (
+    VideoRetrievalSplit,
+    build_video_retrieval_split,
+    run_video_retrieval,
+)
 from florence.evaluation.zeroshot import build_zero_shot_classifier
 from florence.version import __version__
 
@@ -86,7 +92,7 @@ class SuiteRunner:
         self.model = model
         self.output_dir = Path(output_dir)
         self.record_dir = self.output_dir / "records" / model_key(model)
-        self._splits: dict[tuple[str, str], ClassificationSplit | RetrievalSplit] = {}
+        self._splits: dict[tuple[str, str], ClassificationSplit | RetrievalSplit | VideoRetrievalSplit] = {}
 
     def record_path(self, run: RunSpec) -> Path:
         return self.record_dir / f"{run.run_id}.json"
@@ -142,17 +148,19 @@ class SuiteRunner:
 
     def _data_fingerprints(self, run: RunSpec, dataset: DatasetSpec) -> dict[str, str]:
         fingerprints = {"test": self.split(dataset, "test").fingerprint}
-        if dataset.train is not None and run.task != "zeroshot" and run.task != "retrieval":
+        if dataset.train is not None and run.task not in ("zeroshot", "retrieval", "video_retrieval"):
             fingerprints["train"] = self.split(dataset, "train").fingerprint
         return fingerprints
 
-    def split(self, dataset: DatasetSpec, split_name: str) -> ClassificationSplit | RetrievalSplit:
+    def split(self, dataset: DatasetSpec, split_name: str) -> ClassificationSplit | RetrievalSplit | VideoRetrievalSplit:
         """Return the ``split_name`` split (test or train) of ``dataset`` read with the model's transform, built once."""
         cache_key = (dataset.name, split_name)
         if cache_key not in self._splits:
             spec = dataset.test if split_name == "test" else dataset.train
             retrieval = any(r.task == "retrieval" and r.dataset == dataset.name for r in self.suite.runs)
-            if dataset.format in ("coco", "captions") or (dataset.format == "wds" and retrieval):
+            if dataset.format in VIDEO_FORMATS:
+                split = build_video_retrieval_split(dataset, spec, self.suite.seed)
+            elif dataset.format in ("coco", "captions") or (dataset.format == "wds" and retrieval):
                 split = build_retrieval_split(dataset, spec, self.model.transform, self.suite.seed)
             else:
                 split = build_classification_split(dataset, spec, self.model.transform, self.suite.seed)
@@ -475,6 +483,7 @@ def _run_finetune(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> di
 TASKS = {
     "zeroshot": _run_zero_shot,
     "retrieval": _run_retrieval,
+    "video_retrieval": run_video_retrieval,
     "linear_probe": _run_linear_probe,
     "few_shot": _run_few_shot,
     "knn": _run_knn,

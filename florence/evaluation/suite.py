@@ -10,7 +10,7 @@ Format (every key other than ``datasets`` and ``runs`` is optional)::
     precision: fp32              # fp32, or bf16 / fp16 autocast for the encoders
     datasets:
       cifar10:
-        format: csv              # folder | csv | coco | captions | wds
+        format: csv              # folder | csv | coco | captions | wds | video_captions
         test: {path: "${FLORENCE_SHARED_DATA:-../shared/data}/cifar10/test.csv", archive: ..., max_images: 2000}
         train: {path: ..., archive: ...}      # needed by linear_probe, few_shot, knn, finetune
         classnames: cifar10      # shipped set or file; default: the data's class names
@@ -40,6 +40,7 @@ from florence.evaluation.datasets import (
     FORMATS,
     RETRIEVAL_FORMATS,
     SPLIT_KEYS,
+    VIDEO_FORMATS,
     DatasetSpec,
     SplitSpec,
 )
@@ -52,6 +53,7 @@ DATASET_KEYS = ("format", "test", "train", "classnames", "templates", "language"
 TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "zeroshot": {},
     "retrieval": {"ks": [1, 5, 10]},
+    "video_retrieval": {"ks": [1, 5, 10], "num_frames": 8, "num_clips": 1, "sampling": "uniform", "frame_interval": 2},
     "linear_probe": {"val_fraction": 0.2, "l2_grid": None},
     "few_shot": {"shots": [1, 2, 4, 8, 16], "seeds": [0, 1, 2], "l2_grid": None},
     "knn": {"k": 20, "temperature": 0.07},
@@ -65,6 +67,7 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
     },
 }
 TRAIN_SPLIT_TASKS = ("linear_probe", "few_shot", "knn", "finetune")
+VIDEO_TASKS = ("video_retrieval",)
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -200,8 +203,8 @@ def _parse_datasets(raw: Any, path: Path) -> dict[str, DatasetSpec]:
         datasets[name] = DatasetSpec(
             name=name,
             format=data_format,
-            test=_parse_split(entry["test"], f"{where}, split 'test'"),
-            train=_parse_split(entry["train"], f"{where}, split 'train'") if "train" in entry else None,
+            test=_parse_split(entry["test"], f"{where}, split 'test'", data_format),
+            train=_parse_split(entry["train"], f"{where}, split 'train'", data_format) if "train" in entry else None,
             classnames=entry.get("classnames"),
             templates=templates,
             language=str(entry.get("language", "en")),
@@ -209,13 +212,18 @@ def _parse_datasets(raw: Any, path: Path) -> dict[str, DatasetSpec]:
     return datasets
 
 
-def _parse_split(raw: Any, where: str) -> SplitSpec:
-    if isinstance(raw, str):
+def _parse_split(raw: Any, where: str, data_format: str) -> SplitSpec:
+    if isinstance(raw, (str, list)):
         raw = {"path": raw}
     if not isinstance(raw, dict) or "path" not in raw:
         raise SuiteError(f"{where}: expected a path or a mapping with 'path', got {raw!r}")
 
     _check_keys(raw, SPLIT_KEYS, where, "split")
+    path = raw["path"]
+    if isinstance(path, list) and data_format not in VIDEO_FORMATS:
+        raise SuiteError(f"{where}: format {data_format!r} takes one path, got a list; only video_captions takes several")
+    if isinstance(path, list) and (not path or not all(isinstance(item, str) for item in path)):
+        raise SuiteError(f"{where}: path must be a file or a non-empty list of files, got {path!r}")
     max_images = raw.get("max_images")
     if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
         raise SuiteError(f"{where}: invalid max_images {max_images!r}; pass a positive integer or leave it out")
@@ -242,6 +250,8 @@ def _parse_runs(raw: Any, datasets: dict[str, DatasetSpec], path: Path) -> list[
         options = {key: value for key, value in entry.items() if key not in ("task", "dataset")}
         _check_keys(options, list(TASK_OPTIONS[task]), where, f"{task} option")
         _check_task_fits_dataset(task, datasets[dataset], where)
+        if task in VIDEO_TASKS:
+            _check_video_options({**TASK_OPTIONS[task], **options}, where)
 
         run = RunSpec(task, dataset, {**TASK_OPTIONS[task], **options})
         if run.run_id in seen:
@@ -252,6 +262,13 @@ def _parse_runs(raw: Any, datasets: dict[str, DatasetSpec], path: Path) -> list[
 
 
 def _check_task_fits_dataset(task: str, dataset: DatasetSpec, where: str) -> None:
+    if (task in VIDEO_TASKS) != (dataset.format in VIDEO_FORMATS):
+        raise SuiteError(
+            f"{where}: {task} does not fit dataset {dataset.name!r} of format {dataset.format!r}; "
+            f"video_retrieval runs on, and only on, the formats {', '.join(VIDEO_FORMATS)}"
+        )
+    if task in VIDEO_TASKS:
+        return
     if task == "retrieval" and dataset.format not in RETRIEVAL_FORMATS:
         raise SuiteError(
             f"{where}: retrieval needs captions, but dataset {dataset.name!r} has format {dataset.format!r}; "
@@ -264,3 +281,17 @@ def _check_task_fits_dataset(task: str, dataset: DatasetSpec, where: str) -> Non
         )
     if task in TRAIN_SPLIT_TASKS and dataset.train is None:
         raise SuiteError(f"{where}: {task} needs a 'train' split, but dataset {dataset.name!r} has none; add train: {{path: ...}}")
+
+
+def _check_video_options(options: dict[str, Any], where: str) -> None:
+    from florence.adapters.video.sampling import SAMPLING_MODES
+
+    for key in ("num_frames", "num_clips", "frame_interval"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SuiteError(f"{where}: invalid {key} {value!r}; pass a positive integer")
+    if options["sampling"] not in SAMPLING_MODES:
+        raise SuiteError(f"{where}: invalid sampling {options['sampling']!r}; valid values: {', '.join(SAMPLING_MODES)}")
+    ks = options["ks"]
+    if not isinstance(ks, list) or not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise SuiteError(f"{where}: invalid ks {ks!r}; pass a list of positive integers such as [1, 5, 10]")

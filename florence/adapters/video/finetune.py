@@ -4,8 +4,9 @@ Each epoch draws ``clips_per_video`` random temporal crops (plus random spatial 
 flips) of every training video. After each epoch the model is evaluated on the centre clip of
 every evaluation video, a checkpoint is written in the main trainer's layout
 (``output_dir/checkpoints/step_*/`` with ``model.safetensors`` and ``trainer_state.pt``), and
-one record goes to ``output_dir/metrics.jsonl``. A run started again with the same
-``output_dir`` resumes from its newest checkpoint.
+one record goes to ``output_dir/metrics.jsonl``. ``output_dir/video_classifier.json`` stores
+the architecture, the class names and the clip sampling, which ``florence video eval`` reads.
+A run started again with the same ``output_dir`` resumes from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader
 
+from florence.adapters.video.classifier import (
+    classifier_config,
+    write_classifier_config,
+)
 from florence.adapters.video.dataset import VideoDataset
 from florence.adapters.video.model import VideoCoSwin
 from florence.training.checkpointing import (
@@ -74,6 +79,7 @@ def finetune_video_classifier(
             "call model.reset_classifier(len(dataset.classes)) first"
         )
     output_dir = Path(config.output_dir)
+    write_classifier_config(output_dir, classifier_config(model, train_dataset))
     checkpoints = output_dir / "checkpoints"
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     epoch_data = ConcatDataset([train_dataset] * config.clips_per_video)

@@ -7,8 +7,10 @@ Recall@k uses the image-text retrieval metrics, with videos in place of images.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 from florence.adapters.video.io import VideoDecodeError
 from florence.adapters.video.sampling import load_test_views
 from florence.adapters.video.zeroshot import VideoEncoder
+from florence.evaluation._common import resolve_device
 from florence.evaluation.retrieval import retrieval_metrics
 
 _logger = logging.getLogger(__name__)
@@ -35,13 +38,18 @@ def encode_videos(
     num_crops: int = 1,
     tower: str = "frames",
 ) -> torch.Tensor:
-    """Embed videos into L2-normalised float32 ``[N, D]``: the mean over test views, renormalised."""
+    """Embed videos into L2-normalised float32 ``[N, D]``: the mean over test views, renormalised.
+
+    The views are decoded on the CPU and moved to the device of the model's first parameter,
+    where the embeddings are returned.
+    """
     model.eval()
     image_size = image_size or model.visual.img_size[0]
     encoder = VideoEncoder(model, tower).eval()
+    device = resolve_device(model, None)
     embeddings = []
     for path in paths:
-        views = load_test_views(path, num_frames, image_size, mode, frame_interval, num_clips, num_crops)
+        views = load_test_views(path, num_frames, image_size, mode, frame_interval, num_clips, num_crops).to(device)
         embeddings.append(F.normalize(encoder(views).mean(dim=0), dim=-1))
     return torch.stack(embeddings)
 
@@ -60,6 +68,73 @@ def rank_captions(video_embedding: torch.Tensor, caption_embeddings: torch.Tenso
     """
     scores = caption_embeddings @ video_embedding
     return torch.sort(scores, descending=True, stable=True).indices.tolist()
+
+
+@dataclass(frozen=True)
+class CaptionRanking:
+    """Candidate captions of one video ranked by similarity, with the rank of the intended one if known."""
+
+    video: Path
+    captions: list[str]
+    scores: list[float]
+    order: list[int]
+    intended_index: int | None
+
+    @property
+    def intended_rank(self) -> int | None:
+        """1-based rank of the intended caption, or None when the file names none."""
+        return None if self.intended_index is None else self.order.index(self.intended_index) + 1
+
+
+def read_caption_candidates(path: str | Path) -> list[tuple[Path, list[str], int | None]]:
+    """Read ``(video, candidate captions, intended index or None)`` entries from a JSON file.
+
+    The file contains one object or a list of objects with ``video`` (a path relative to the
+    file), ``candidates`` (a list of captions) and optionally ``intended_match_index``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption candidates file {path} not found")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    entries = payload if isinstance(payload, list) else [payload]
+    return [_candidate_entry(entry, path, number) for number, entry in enumerate(entries)]
+
+
+def _candidate_entry(entry: object, path: Path, number: int) -> tuple[Path, list[str], int | None]:
+    where = f"{path}, entry {number}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):
+        # A malformed file is invalid input data, reported as ValueError like the other checks here.
+        raise ValueError(  # noqa: TRY004
+            f"{where}: expected an object with 'video' and 'candidates', got {str(entry)[:80]}"
+        )
+    captions = entry.get("candidates")
+    if not isinstance(captions, list) or not captions or not all(isinstance(text, str) and text.strip() for text in captions):
+        raise ValueError(f"{where}: 'candidates' must be a non-empty list of non-empty captions")
+    intended = entry.get("intended_match_index")
+    if intended is not None and (isinstance(intended, bool) or not isinstance(intended, int) or not 0 <= intended < len(captions)):
+        raise ValueError(f"{where}: intended_match_index {intended!r} is not an index into the {len(captions)} candidates")
+    video = Path(entry["video"])
+    return (video if video.is_absolute() else path.parent / video), captions, intended
+
+
+def rank_caption_candidates(
+    model: nn.Module, tokenizer, path: str | Path, **encode_options
+) -> list[CaptionRanking]:
+    """Rank the candidate captions of each video in a candidates file (see :func:`read_caption_candidates`).
+
+    ``encode_options`` go to :func:`encode_videos` (``num_frames``, ``num_clips``, ``tower``, ...).
+    """
+    rankings = []
+    for video, captions, intended in read_caption_candidates(path):
+        video_embedding = encode_videos(model, [video], **encode_options)[0]
+        caption_embeddings = encode_captions(model, tokenizer, captions)
+        scores = (caption_embeddings @ video_embedding).tolist()
+        order = rank_captions(video_embedding, caption_embeddings)
+        rankings.append(CaptionRanking(video, captions, scores, order, intended))
+    return rankings
 
 
 def video_text_retrieval(

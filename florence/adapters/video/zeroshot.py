@@ -11,7 +11,7 @@ the views.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +82,29 @@ class VideoEncoder(nn.Module):
         return F.normalize(mean_embedding, dim=-1)
 
 
+def zero_shot_scorer(
+    model: nn.Module,
+    tokenizer,
+    classnames: Sequence[str],
+    templates: Sequence[str] = VIDEO_TEMPLATES,
+    tower: str = "frames",
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return a function from test views ``[V, 3, T, H, W]`` to zero-shot class probabilities ``[V, C]``.
+
+    The probabilities are the softmax of the cosine similarities times the model's logit
+    scale (capped at 100, as in CLIP).
+    """
+    encoder = VideoEncoder(model.eval(), tower).eval()
+    classifier = build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates))
+    logit_scale = model.logit_scale.exp().clamp(max=100.0).item()
+
+    @torch.inference_mode()
+    def score_views(views: torch.Tensor) -> torch.Tensor:
+        return (logit_scale * encoder(views) @ classifier).softmax(dim=-1)
+
+    return score_views
+
+
 @torch.inference_mode()
 def classify_videos(
     model: nn.Module,
@@ -105,16 +128,12 @@ def classify_videos(
     """
     model.eval()
     image_size = image_size or model.visual.img_size[0]
-    encoder = VideoEncoder(model, tower).eval()
-    classifier = build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates))
-    logit_scale = model.logit_scale.exp().clamp(max=100.0)
+    score_views = zero_shot_scorer(model, tokenizer, classnames, templates, tower)
 
     predictions = []
     for path in paths:
         views = load_test_views(path, num_frames, image_size, mode, frame_interval, num_clips, num_crops)
-        probabilities = average_view_scores(
-            lambda batch: (logit_scale * encoder(batch) @ classifier).softmax(dim=-1), views
-        )
+        probabilities = average_view_scores(score_views, views)
         values, indices = probabilities.topk(min(top, len(classnames)))
         predictions.append(
             VideoPrediction(
