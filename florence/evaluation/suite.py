@@ -53,7 +53,9 @@ DATASET_KEYS = ("format", "test", "train", "classnames", "templates", "language"
 TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "zeroshot": {},
     "retrieval": {"ks": [1, 5, 10]},
-    "video_retrieval": {"ks": [1, 5, 10], "num_frames": 8, "num_clips": 1, "sampling": "uniform", "frame_interval": 2},
+    "video_retrieval": {
+        "ks": [1, 5, 10], "num_frames": 8, "num_clips": 1, "sampling": "uniform", "frame_interval": 2, "tower": "frames",
+    },
     "linear_probe": {"val_fraction": 0.2, "l2_grid": None},
     "few_shot": {"shots": [1, 2, 4, 8, 16], "seeds": [0, 1, 2], "l2_grid": None},
     "knn": {"k": 20, "temperature": 0.07},
@@ -292,6 +294,8 @@ def _check_video_options(options: dict[str, Any], where: str) -> None:
             raise SuiteError(f"{where}: invalid {key} {value!r}; pass a positive integer")
     if options["sampling"] not in SAMPLING_MODES:
         raise SuiteError(f"{where}: invalid sampling {options['sampling']!r}; valid values: {', '.join(SAMPLING_MODES)}")
+    if options["tower"] not in ("frames", "video"):
+        raise SuiteError(f"{where}: invalid tower {options['tower']!r}; valid values: frames, video")
     ks = options["ks"]
     if not isinstance(ks, list) or not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
         raise SuiteError(f"{where}: invalid ks {ks!r}; pass a list of positive integers such as [1, 5, 10]")

@@ -5,7 +5,8 @@ A ``video_captions`` split is one or more TSV or CSV caption tables with ``path`
 video paths start at the folder of the table that lists them, and rows for the same video
 file in several tables belong to one video. Each video is embedded as the mean of the
 L2-normalised image embeddings of its sampled frames (``florence.adapters.video.retrieval``),
-averaged over ``num_clips`` temporal clips of one centre crop.
+averaged over ``num_clips`` temporal clips of one centre crop. With ``tower: video`` a florence
+model's CoSwin is inflated to a Video CoSwin, which embeds each clip as a whole.
 
 NOTE: frames are normalised with the CLIP mean and std (``normalize_clip``), not with the
 model's own image transform. florence and most open_clip models use these values, but a
@@ -132,19 +133,32 @@ def encode_readable_videos(
         "mode": options["sampling"],
         "frame_interval": options["frame_interval"],
         "num_clips": options["num_clips"],
+        "tower": options.get("tower", "frames"),
     }
+    encoder = _video_tower_model(model) if sampling["tower"] == "video" else model
     device = resolve_device(model, None)
     embeddings, kept = [], []
     for index, video in enumerate(videos):
         try:
             with autocast(device, autocast_dtype):
-                embeddings.append(encode_videos(model, [video], **sampling)[0].float().cpu())
+                embeddings.append(encode_videos(encoder, [video], **sampling)[0].float().cpu())
             kept.append(index)
         except VideoDecodeError as error:
             logger.warning("skipping unreadable video %s and its captions: %s", video, error)
     if not embeddings:
         raise ValueError(f"none of the {len(videos)} videos could be decoded; see the warnings above")
     return torch.stack(embeddings), kept
+
+
+def _video_tower_model(model: Any) -> Any:
+    """Return the florence model inside an ``EvalModel``, whose CoSwin tower can be inflated to Video CoSwin."""
+    inner = getattr(model, "model", model)
+    if not (hasattr(inner, "visual") and hasattr(inner, "image_projection")):
+        raise ValueError(
+            f"tower: video inflates a florence CoSwin image tower, and {type(inner).__name__} has none; "
+            "use tower: frames for this model"
+        )
+    return inner
 
 
 def run_video_retrieval(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> dict[str, float]:

@@ -103,6 +103,40 @@ def test_video_retrieval_matches_adapter_metrics(tmp_path) -> None:
         assert record["metrics"][name] == pytest.approx(value), name
 
 
+def test_video_tower_matches_adapter_metrics(tmp_path) -> None:
+    from florence.adapters.video.retrieval import (
+        encode_captions,
+        encode_videos,
+        video_text_retrieval,
+    )
+    from florence.evaluation.models import load_eval_model
+    from florence.evaluation.runner import run_suite
+
+    suite_path = write_suite(tmp_path, {"clips": _video_dataset()},
+                             [{"task": "video_retrieval", "dataset": "clips", "num_frames": 4, "ks": [1, 2], "tower": "video"}])
+    model = load_eval_model("florence-tiny", seed=0)
+    [record] = run_suite(load_suite(suite_path), model, tmp_path / "out")
+    videos, captions, caption_to_video = read_video_captions(_video_dataset()["test"]["path"])
+
+    with torch.inference_mode():
+        video_features = encode_videos(model.model, videos, num_frames=4, tower="video")
+        frame_features = encode_videos(model.model, videos, num_frames=4, tower="frames")
+        text_features = encode_captions(model.model, model.tokenizer, captions)
+    expected = video_text_retrieval(video_features, text_features, caption_to_video, ks=(1, 2))
+
+    assert record["config"]["options"]["tower"] == "video"
+    assert not torch.allclose(video_features, frame_features, atol=1e-4)
+    for name, value in expected.items():
+        assert record["metrics"][name] == pytest.approx(value), name
+
+
+def test_video_tower_needs_a_florence_model(tmp_path) -> None:
+    from florence.evaluation.video import _video_tower_model
+
+    with pytest.raises(ValueError, match="use tower: frames"):
+        _video_tower_model(torch.nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize(
     ("datasets", "runs", "message"),
     [
@@ -110,6 +144,7 @@ def test_video_retrieval_matches_adapter_metrics(tmp_path) -> None:
         ("video", [{"task": "retrieval", "dataset": "video"}], "retrieval does not fit dataset 'video'"),
         ("video", [{"task": "video_retrieval", "dataset": "video", "sampling": "random"}], "invalid sampling 'random'"),
         ("video", [{"task": "video_retrieval", "dataset": "video", "num_frames": 0}], "invalid num_frames 0"),
+        ("video", [{"task": "video_retrieval", "dataset": "video", "tower": "clip"}], "invalid tower 'clip'"),
         ("flickr_list", [{"task": "retrieval", "dataset": "flickr"}], "only video_captions takes several"),
     ],
 )
