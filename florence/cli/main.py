@@ -302,7 +302,7 @@ def _add_video(subparsers) -> None:
                             "batch size x --accum-steps x processes")
     train.add_argument("--accum-steps", type=int, default=1, help="forward passes per optimizer step (default: 1)")
     train.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 0.001)")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm, 0 for none (default: 1.0)")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="maximum gradient norm; 0 turns clipping off (default: 1.0)")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                        help="autocast precision; fp16 uses loss scaling (default: fp32)")
     train.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda:LOCAL_RANK if available, else cpu)")
@@ -900,7 +900,7 @@ def _run_video_train(args) -> int:
     from florence.adapters.video.inflate import inflate_coswin, load_image_coswin
     from florence.training.distributed import init_distributed, leave_process_group
 
-    # Checks the arguments before the process group and the data are set up.
+    # Building the config validates the arguments before the process group and the data are set up.
     config = VideoFinetuneConfig(
         output_dir=args.output_dir,
         epochs=args.epochs,

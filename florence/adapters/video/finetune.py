@@ -1,9 +1,12 @@
 """Fine-tune a Video CoSwin classifier on labelled clips with the main trainer's machinery.
 
-The loop reuses ``florence.training``: the process group and gradient clipping of
-``distributed``, the resumable batch order and per-sample augmentation seeds of ``sampler``,
-the checkpoints of ``checkpointing``, the AdamW groups and cosine schedule of ``optim``, the
-autocast of ``trainer`` and the ``metrics.jsonl`` writer of ``metrics``.
+The loop reuses these parts of ``florence.training``:
+
+- ``distributed``: the process group and gradient clipping;
+- ``sampler``: the resumable batch order and the per-sample augmentation seeds;
+- ``checkpointing``, ``optim`` and ``metrics``: checkpoints, AdamW groups, the cosine schedule
+  and ``metrics.jsonl``;
+- ``trainer``: the autocast context.
 
 Data: an epoch is ``clips_per_video`` passes over the training videos, each sample a random
 temporal crop, random square crop and random flip seeded by ``(seed, epoch, sample)``. One
@@ -68,7 +71,7 @@ class VideoFinetuneConfig:
 
     ``batch_size`` is the number of clips per process and forward pass; ``accum_steps`` forward
     passes make one optimizer step. ``lr`` is the peak AdamW learning rate. ``grad_clip`` is the
-    largest global gradient norm (0: no clipping). ``checkpoint_every`` adds a checkpoint every
+    maximum global gradient norm (0: no clipping). ``checkpoint_every`` adds a checkpoint every
     that many steps to the one after each epoch (0: after epochs only). A run stops with an error
     after ``max_nonfinite_steps`` steps in a row whose loss or gradient is not finite.
     """
@@ -151,7 +154,7 @@ class _VideoFinetuner:
         self.ddp = DistributedDataParallel(model, device_ids=device_ids) if distributed.is_distributed else None
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
         if config.precision == "fp16" and self.device.type == "cpu":
-            _logger.warning("precision=fp16 is slow on the CPU, which lacks fast float16 matmuls; use bf16 there")
+            _logger.warning("precision=fp16 is slow on most CPUs, which lack fast float16 matmuls; use fp32 there")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
 
         self.train_data = SeededSampleDataset(ConcatDataset([train_dataset] * config.clips_per_video), config.seed)
@@ -220,8 +223,8 @@ class _VideoFinetuner:
 
         self.optimizer.zero_grad(set_to_none=True)
         module = self.ddp if self.ddp is not None else self.model
-        # DistributedDataParallel averages gradients over ranks; the factor makes the result the
-        # gradient of the mean loss over the global batch, whatever the split.
+        # DistributedDataParallel averages gradients over ranks. This factor turns that average into
+        # the gradient of the mean loss over the global batch, however the batch is split.
         scale = self.distributed.world_size / self.global_batch
         loss_sum = torch.zeros((), device=self.device)
         micro_batches = self._micro_batches(clips.to(self.device), labels.to(self.device))

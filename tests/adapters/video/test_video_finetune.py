@@ -151,7 +151,7 @@ def test_fp16_saves_loss_scale(datasets, initial_state, tmp_path: Path) -> None:
     assert state["config"]["precision"] == "fp16"
 
 
-def test_nonfinite_step_is_skipped_and_counted(datasets, initial_state, tmp_path: Path, monkeypatch) -> None:
+def test_nonfinite_step_is_skipped_and_counted(datasets, initial_state, tmp_path: Path) -> None:
     model = _model(initial_state)
     calls = []
 
