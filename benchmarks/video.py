@@ -23,6 +23,7 @@ import torch
 from benchmarks._report import environment_table, update_section
 from benchmarks._timing import autocast, load_average, pick_device, time_alternating
 from florence.adapters.video import VideoCoSwin
+from florence.precision import has_fast_bf16
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION_TITLE = "Video CoSwin inference"
@@ -100,6 +101,12 @@ def format_report(
     for (precision, batch), seconds in results.items():
         median = statistics.median(seconds)
         lines.append(f"| {precision} | {batch} | {median:.2f} | {batch / median:.3f} | {min(seconds):.2f} | {len(seconds)} |")
+    if any(precision == "bf16" for precision, _ in results) and not has_fast_bf16(device):
+        lines += [
+            "",
+            (f"`{device}` has no bfloat16 matrix instructions (`florence.precision.has_fast_bf16` is False), so "
+             "PyTorch emulates bf16 autocast here and it is slower than fp32."),
+        ]
     environment = environment_table(command)
     at_end = next(index for index, line in enumerate(environment) if line.startswith("| load average"))
     environment[at_end:at_end] = [f"| device | {device_name} |", f"| load average (1, 5, 15 min) at the start | {load_at_start} |"]
