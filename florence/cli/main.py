@@ -303,8 +303,9 @@ def _add_video(subparsers) -> None:
     train.add_argument("--accum-steps", type=int, default=1, help="forward passes per optimizer step (default: 1)")
     train.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 0.001)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="maximum gradient norm; 0 turns clipping off (default: 1.0)")
-    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                       help="autocast precision; fp16 uses loss scaling (default: fp32)")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                       help="autocast precision; fp16 adds loss scaling, auto picks bf16 where the device "
+                            "has bfloat16 matrix instructions and fp32 elsewhere (default: fp32)")
     train.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda:LOCAL_RANK if available, else cpu)")
     train.add_argument("--workers", type=int, default=0, help="data loading processes per training process (default: 0)")
     train.add_argument("--checkpoint-every", type=int, default=0,

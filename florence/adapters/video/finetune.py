@@ -47,6 +47,7 @@ from florence.adapters.video.classifier import classifier_config, write_classifi
 from florence.adapters.video.dataset import VideoDataset
 from florence.adapters.video.model import VideoCoSwin
 from florence.checkpoint import WEIGHTS_NAME, atomic_write_bytes, save_weights
+from florence.precision import resolve_precision
 from florence.training.checkpointing import (
     TrainingState,
     latest_checkpoint,
@@ -61,7 +62,7 @@ from florence.training.trainer import autocast_context
 
 _logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 CLASSES_NAME = "classes.txt"
 
 
@@ -70,7 +71,8 @@ class VideoFinetuneConfig:
     """Hyperparameters of :func:`finetune_video_classifier`.
 
     ``batch_size`` is the number of clips per process and forward pass; ``accum_steps`` forward
-    passes make one optimizer step. ``lr`` is the peak AdamW learning rate. ``grad_clip`` is the
+    passes make one optimizer step. ``lr`` is the peak AdamW learning rate. ``precision="auto"`` picks bf16 on devices with
+    bfloat16 matrix instructions and fp32 elsewhere. ``grad_clip`` is the
     maximum global gradient norm (0: no clipping). ``checkpoint_every`` adds a checkpoint every
     that many steps to the one after each epoch (0: after epochs only). A run stops with an error
     after ``max_nonfinite_steps`` steps in a row whose loss or gradient is not finite.
@@ -153,9 +155,11 @@ class _VideoFinetuner:
         device_ids = [self.device] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(model, device_ids=device_ids) if distributed.is_distributed else None
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
-        if config.precision == "fp16" and self.device.type == "cpu":
+        # "auto" becomes bf16 where the device has bfloat16 matrix instructions, else fp32.
+        self.precision = resolve_precision(config.precision, self.device)
+        if self.precision == "fp16" and self.device.type == "cpu":
             _logger.warning("precision=fp16 is slow on most CPUs, which lack fast float16 matmuls; use fp32 there")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.train_data = SeededSampleDataset(ConcatDataset([train_dataset] * config.clips_per_video), config.seed)
         self.global_batch = config.batch_size * config.accum_steps * distributed.world_size
@@ -233,7 +237,7 @@ class _VideoFinetuner:
             # Only the last backward pass of a step all-reduces the gradients.
             sync = self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()
             with sync:
-                with autocast_context(config.precision, self.device):
+                with autocast_context(self.precision, self.device):
                     logits = module(micro_clips)
                 summed = F.cross_entropy(logits.float(), micro_labels, reduction="sum")
                 self.scaler.scale(summed * scale).backward()
@@ -296,6 +300,7 @@ class _VideoFinetuner:
             "classes": self.eval_dataset.classes,
             "model_config": self.model.model_config,
             "world_size": self.distributed.world_size,
+            "resolved_precision": self.precision,
         }
         save_training_checkpoint(
             self.checkpoint_dir, self.model, self.optimizer, self.state, config, keep=self.config.keep_checkpoints
@@ -306,7 +311,7 @@ class _VideoFinetuner:
         record: dict[str, Any] = {"epoch": epoch}
         stop = False
         if self.main_process:
-            accuracy = evaluate_classifier(self.model, self.eval_dataset, self.config.batch_size, self.config.precision)
+            accuracy = evaluate_classifier(self.model, self.eval_dataset, self.config.batch_size, self.precision)
             self.model.train()
             record.update(
                 train_loss=sum(losses) / len(losses) if losses else math.nan,

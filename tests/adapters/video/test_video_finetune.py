@@ -24,6 +24,7 @@ from florence.adapters.video.retrieval import (
 from florence.cli.main import main
 from florence.checkpoint import load_weights, read_metadata
 from florence.models import create_model
+from florence.precision import has_fast_bf16
 from florence.serving.embed import EmbeddingStore
 from florence.training.checkpointing import STATE_NAME, latest_checkpoint
 from florence.tokenizer import get_tokenizer
@@ -149,6 +150,15 @@ def test_fp16_saves_loss_scale(datasets, initial_state, tmp_path: Path) -> None:
 
     assert state["grad_scaler"]["scale"] == steps[-1]["loss_scale"]
     assert state["config"]["precision"] == "fp16"
+    assert state["config"]["resolved_precision"] == "fp16"
+
+
+def test_auto_precision_resolves_for_device(datasets, initial_state, tmp_path: Path) -> None:
+    _run(datasets, initial_state, tmp_path / "run", epochs=1, precision="auto")
+    state = torch.load(latest_checkpoint(tmp_path / "run" / "checkpoints") / STATE_NAME, weights_only=False)
+
+    assert state["config"]["precision"] == "auto"
+    assert state["config"]["resolved_precision"] == ("bf16" if has_fast_bf16("cpu") else "fp32")
 
 
 def test_nonfinite_step_is_skipped_and_counted(datasets, initial_state, tmp_path: Path) -> None:
@@ -232,7 +242,7 @@ def test_finetune_rejects_batch_larger_than_epoch(datasets, initial_state, tmp_p
 
 
 def test_config_rejects_unknown_precision(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="precision='fp8' is not supported; use one of fp32, bf16, fp16"):
+    with pytest.raises(ValueError, match="precision='fp8' is not supported; use one of fp32, bf16, fp16, auto"):
         VideoFinetuneConfig(output_dir=str(tmp_path), precision="fp8")
 
 
