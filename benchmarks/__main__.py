@@ -4,8 +4,9 @@ Each figure runs florence and its peer on the same work, alternating runs, and r
 medians and the throughput ratio (above 1: florence is faster). The result is written as the
 "Speed against timm and open_clip" section of docs/benchmarks.md. The tokenizer figure reuses
 ``benchmarks.tokenizer`` and rewrites its section, the memory figure runs two cases of
-``benchmarks.memory`` in fresh processes, and the evaluation figure runs
-``benchmarks.eval_throughput`` when that module exists.
+``benchmarks.memory`` in fresh processes, the evaluation figure runs
+``benchmarks.eval_throughput`` when that module exists, and the video figure runs
+``benchmarks.video``, which writes its own section.
 
     python -m benchmarks [--quick] [--figures NAME ...] [--runs 3] [--threads N] [--no-docs]
 
@@ -28,10 +29,11 @@ import torch
 from benchmarks import encoder, flops, memory, tokenizer, train_step
 from benchmarks._report import environment_rows, update_section
 from benchmarks._timing import Comparison, load_average, pick_device
+from florence.precision import has_fast_bf16
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION_TITLE = "Speed against timm and open_clip"
-FIGURES = ("encoder", "train_step", "unicl", "flops", "tokenizer", "memory", "eval")
+FIGURES = ("encoder", "train_step", "unicl", "flops", "tokenizer", "memory", "eval", "video")
 MEMORY_CASES = ("b224-32", "b224-32-checkpointing")
 
 
@@ -40,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="short run: 2 timed runs, batch 8 for inference and 4 for training, no memory or evaluation figure",
+        help="short run: 2 timed runs, batch 8 for inference and 4 for training, no memory, evaluation or video figure",
     )
     parser.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES), help="figures to run (default: all)")
     parser.add_argument("--runs", type=int, help="timed runs per model and figure, after one warm-up (default: 3; 2 with --quick)")
@@ -60,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.quick:
-        args.figures = [name for name in args.figures if name not in ("memory", "eval")]
+        args.figures = [name for name in args.figures if name not in ("memory", "eval", "video")]
     return args
 
 
@@ -126,6 +128,24 @@ def run_eval(no_docs: bool) -> list[str]:
     result = subprocess.run(command, cwd=REPO_ROOT, check=False)
     outcome = "see the Evaluation throughput section" if result.returncode == 0 else f"failed (exit {result.returncode})"
     return [f"| zero-shot evaluation end to end | florence | clip-benchmark | {outcome} | 1.5x | – |"]
+
+
+def run_video(runs: int, threads: int | None, device: torch.device, no_docs: bool) -> list[str]:
+    """Run ``benchmarks.video`` in a fresh process; return a table row that points at its section.
+
+    Where bf16 is emulated (see ``florence.precision``) one bf16 pass takes minutes, so the
+    bf16 case is cut to batch 1 and one timed run there.
+    """
+    command = [sys.executable, "-m", "benchmarks.video", "--runs", str(runs), "--device", str(device)]
+    if not has_fast_bf16(device):
+        command += ["--cases", "fp32:1", "fp32:2", "bf16:1", "--bf16-runs", "1"]
+    if threads:
+        command += ["--threads", str(threads)]
+    if no_docs:
+        command.append("--no-docs")
+    result = subprocess.run(command, cwd=REPO_ROOT, check=False)
+    outcome = "see the Video CoSwin inference section" if result.returncode == 0 else f"failed (exit {result.returncode})"
+    return [f"| Video CoSwin-T inference, 16 x 224 x 224 clips | florence | – | {outcome} | report | – |"]
 
 
 def comparison_row(comparison: Comparison) -> str:
@@ -216,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     if "memory" in args.figures:
         _log("memory")
         rows += run_memory()
+    if "video" in args.figures:
+        _log("Video CoSwin inference")
+        rows += run_video(args.runs, args.threads, device, args.no_docs)
 
     flops_lines = []
     if "flops" in args.figures:

@@ -1,4 +1,4 @@
-"""Launch ``florence train`` in 2 real Gloo processes through torchrun, as a user would."""
+"""Launch florence commands in 2 real Gloo processes through torchrun, as a user would."""
 
 import os
 import subprocess
@@ -9,10 +9,10 @@ REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
 
 
-def torchrun_train(*arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``torchrun --standalone --nproc_per_node 2 -m florence.cli.main train ARGUMENTS`` from the repository root.
+def torchrun_main(*arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``torchrun --standalone --nproc_per_node 2 -m florence.cli.main ARGUMENTS`` from the repository root.
 
-    Each process uses one thread. The caller checks ``returncode`` and reads ``stderr``.
+    Each process uses one thread. The caller checks ``returncode`` and reads ``stdout`` and ``stderr``.
     """
     command = [
         sys.executable,
@@ -23,8 +23,12 @@ def torchrun_train(*arguments: str, timeout: float = 600) -> subprocess.Complete
         str(WORLD_SIZE),
         "-m",
         "florence.cli.main",
-        "train",
         *arguments,
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, check=False, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_train(*arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``florence train ARGUMENTS`` in 2 processes under torchrun (see :func:`torchrun_main`)."""
+    return torchrun_main("train", *arguments, timeout=timeout)

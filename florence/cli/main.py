@@ -297,8 +297,20 @@ def _add_video(subparsers) -> None:
     train.add_argument("--label-column", default="label", help="CSV column with the class name (default: label)")
     train.add_argument("--epochs", type=int, default=30, help="maximum epochs (default: 30)")
     train.add_argument("--clips-per-video", type=int, default=3, help="random temporal crops of each video per epoch (default: 3)")
-    train.add_argument("--batch-size", type=int, default=4, help="clips per step (default: 4)")
+    train.add_argument("--batch-size", type=int, default=4,
+                       help="clips per process and forward pass (default: 4); the global batch is "
+                            "batch size x --accum-steps x processes")
+    train.add_argument("--accum-steps", type=int, default=1, help="forward passes per optimizer step (default: 1)")
     train.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 0.001)")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="maximum gradient norm; 0 turns clipping off (default: 1.0)")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                       help="autocast precision; fp16 adds loss scaling, auto picks bf16 where the device "
+                            "has bfloat16 matrix instructions and fp32 elsewhere (default: fp32)")
+    train.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda:LOCAL_RANK if available, else cpu)")
+    train.add_argument("--workers", type=int, default=0, help="data loading processes per training process (default: 0)")
+    train.add_argument("--checkpoint-every", type=int, default=0,
+                       help="also checkpoint every N steps; 0 checkpoints after each epoch only (default: 0)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the data order and augmentation (default: 0)")
     train.add_argument("--num-frames", type=int, default=8, help="frames per clip (default: 8)")
     train.add_argument("--sampling", choices=("uniform", "dense"), default="uniform", help="frame sampling (default: uniform)")
     train.add_argument("--image-size", type=int, help="crop size in pixels (default: the model's input size)")
@@ -887,7 +899,23 @@ def _run_video_train(args) -> int:
         finetune_video_classifier,
     )
     from florence.adapters.video.inflate import inflate_coswin, load_image_coswin
+    from florence.training.distributed import init_distributed, leave_process_group
 
+    # Building the config validates the arguments before the process group and the data are set up.
+    config = VideoFinetuneConfig(
+        output_dir=args.output_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        accum_steps=args.accum_steps,
+        clips_per_video=args.clips_per_video,
+        lr=args.lr,
+        grad_clip=args.grad_clip,
+        precision=args.precision,
+        seed=args.seed,
+        num_workers=args.workers,
+        checkpoint_every=args.checkpoint_every,
+    )
+    distributed = init_distributed(args.device)
     image_model = load_image_coswin(args.checkpoint)
     image_size = args.image_size or image_model.img_size[0]
     options = {"num_frames": args.num_frames, "size": image_size, "mode": args.sampling, "label_column": args.label_column}
@@ -897,16 +925,13 @@ def _run_video_train(args) -> int:
         raise ValueError(f"{args.data} has no readable videos; see the warnings above")
 
     model = inflate_coswin(image_model, temporal_window=args.temporal_window, num_frames=args.num_frames)
+    model.set_input_size(img_size=image_size)
     model.reset_classifier(len(train_dataset.classes))
-    config = VideoFinetuneConfig(
-        output_dir=args.output_dir,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        clips_per_video=args.clips_per_video,
-        lr=args.lr,
-    )
-    metrics = finetune_video_classifier(model, train_dataset, eval_dataset, config)
-    _print_results(metrics)
+    metrics = finetune_video_classifier(model, train_dataset, eval_dataset, config, distributed=distributed)
+    leave_process_group(distributed)
+    if distributed.is_main_process:
+        _print_results(metrics)
+        print(f"weights: {Path(args.output_dir) / 'model.safetensors'}; classes: {Path(args.output_dir) / 'classes.txt'}")
     return 0
 
 

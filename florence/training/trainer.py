@@ -6,7 +6,7 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def autocast_context(precision: str, device: torch.device) -> AbstractContextManager:
+    """Return the autocast context of ``precision`` ("fp32", "bf16" or "fp16") on ``device``; fp32 runs without one."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def deduplicate_texts(texts: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -201,10 +209,7 @@ class Trainer:
         return sampler, loader
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast_context(self.precision, self.device)
 
     def _forward_backward(
         self, images: torch.Tensor, tokens: torch.Tensor, inverse: torch.Tensor, labels: torch.Tensor

@@ -1,9 +1,10 @@
 """Store and load the Video CoSwin classifiers that ``florence video train`` writes.
 
-``VideoCoSwin`` is not in the model registry, so its safetensors files carry no model config.
-Fine-tuning therefore writes ``output_dir/video_classifier.json`` with the constructor
-arguments, the class names in head order and the clip sampling, and
-:func:`load_video_classifier` rebuilds the model from that file and a checkpoint's weights.
+``VideoCoSwin`` is not in the model registry, and its safetensors metadata has the architecture
+but not the class names or the clip sampling. Fine-tuning therefore writes
+``output_dir/video_classifier.json`` with the constructor arguments, the class names in head
+order and the clip sampling, and :func:`load_video_classifier` rebuilds the model from that
+file and a checkpoint's weights.
 """
 
 from __future__ import annotations

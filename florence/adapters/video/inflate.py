@@ -153,6 +153,11 @@ def load_image_coswin(path: str | Path, coswin_name: str | None = None) -> CoSwi
     from florence.checkpoint import load_model, load_weights, read_metadata
 
     metadata = read_metadata(path)
+    if metadata.get("model_name") == VideoCoSwin.model_name:
+        raise ValueError(
+            f"{path} holds Video CoSwin weights, not an image model; load it with "
+            "florence.adapters.video.classifier.load_video_classifier or florence video eval"
+        )
     if "model_name" in metadata:
         return load_model(path, device="cpu").visual
     if coswin_name is None:

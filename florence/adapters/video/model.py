@@ -210,6 +210,9 @@ class VideoCoSwin(nn.Module):
     # TODO: move the classifier and pooling methods this class repeats from CoSwin
     # (get_classifier, reset_classifier, forward_head, _make_head) into a shared base class.
 
+    # Written with ``model_config`` into the metadata of every saved weights file (see save_weights).
+    model_name = "video-coswin"
+
     def __init__(
         self,
         num_frames: int = 16,
@@ -250,6 +253,24 @@ class VideoCoSwin(nn.Module):
             global_pool,
         )
         _validate_temporal_config(num_frames, window_size[0], stem_temporal_kernel, stem_temporal_stride, merge_temporal_kernel)
+        # Constructor arguments that no method changes; ``model_config`` adds the ones that can change.
+        self._fixed_config = {
+            "in_chans": in_chans,
+            "embed_dim": embed_dim,
+            "depths": list(depths),
+            "num_heads": list(num_heads),
+            "mlp_ratio": mlp_ratio,
+            "qkv_bias": qkv_bias,
+            "drop_rate": drop_rate,
+            "attn_drop_rate": attn_drop_rate,
+            "drop_path_rate": drop_path_rate,
+            "stem_kernel_size": stem_kernel_size,
+            "stem_stride": stem_stride,
+            "stem_padding": stem_padding,
+            "stem_temporal_kernel": stem_temporal_kernel,
+            "stem_temporal_stride": stem_temporal_stride,
+            "merge_temporal_kernel": merge_temporal_kernel,
+        }
         self.num_frames = num_frames
         self.img_size = to_2tuple(img_size)
         self.in_chans = in_chans
@@ -303,6 +324,22 @@ class VideoCoSwin(nn.Module):
         self.head = self._make_head(num_classes, device=device, dtype=dtype)
         if not self.norm.weight.is_meta:
             self.init_weights()
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this model's architecture with ``VideoCoSwin(**model_config)``.
+
+        They reflect ``reset_classifier`` and ``set_input_size`` calls. ``save_weights`` stores
+        them as JSON in the safetensors metadata, next to ``model_name``.
+        """
+        return {
+            **self._fixed_config,
+            "num_frames": self.num_frames,
+            "img_size": list(self.img_size),
+            "window_size": list(self.window_size),
+            "num_classes": self.num_classes,
+            "global_pool": self.global_pool,
+        }
 
     def _make_head(self, num_classes: int, device: torch.device | str | None, dtype: torch.dtype | None) -> nn.Module:
         if num_classes == 0:
