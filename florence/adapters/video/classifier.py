@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from florence.adapters.video.dataset import VideoDataset
-from florence.adapters.video.layers import ConvEmbed3d
 from florence.adapters.video.model import VideoCoSwin
 
 _logger = logging.getLogger(__name__)
@@ -38,31 +37,12 @@ class VideoClassifierConfig:
 
 
 def video_coswin_config(model: VideoCoSwin) -> dict[str, Any]:
-    """Return constructor arguments that rebuild ``model``'s architecture (drop path off, as for inference)."""
-    stages = list(model.layers)
-    first_block = stages[0].blocks[0]
-    stem = model.patch_embed.proj
-    merges = [stage.downsample.proj for stage in stages if isinstance(stage.downsample, ConvEmbed3d)]
-    return {
-        "num_frames": model.num_frames,
-        "img_size": list(model.img_size),
-        "in_chans": model.in_chans,
-        "embed_dim": model.embed_dim,
-        "depths": [len(stage.blocks) for stage in stages],
-        "num_heads": [stage.blocks[0].attn.num_heads for stage in stages],
-        "window_size": list(model.window_size),
-        "mlp_ratio": first_block.mlp.fc1.out_features / first_block.mlp.fc1.in_features,
-        "qkv_bias": first_block.attn.qkv.bias is not None,
-        "drop_path_rate": 0.0,
-        "stem_kernel_size": stem.kernel_size[1],
-        "stem_stride": stem.stride[1],
-        "stem_padding": stem.padding[1],
-        "stem_temporal_kernel": stem.kernel_size[0],
-        "stem_temporal_stride": stem.stride[0],
-        "merge_temporal_kernel": merges[0].kernel_size[0] if merges else 3,
-        "num_classes": model.num_classes,
-        "global_pool": model.global_pool,
-    }
+    """Return constructor arguments that rebuild ``model``'s architecture, with dropout and drop path off."""
+    config = dict(model.model_config)
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        if name in config:
+            config[name] = 0.0
+    return config
 
 
 def classifier_config(model: VideoCoSwin, dataset: VideoDataset) -> VideoClassifierConfig:
