@@ -243,10 +243,10 @@ def format_report(rows: list[tuple], args: argparse.Namespace, suite: Suite) -> 
         "time. Wall-clock times on a shared machine vary by 20% or more between runs, and by 2x or more when "
         "other jobs oversubscribe the cores; the CPU-time ratio is the steadier comparison."),
         "",
-        ("The row `zeroshot, new prompts` is the prompt-engineering loop: florence reruns zero-shot with the "
-        "dataset's templates in a folder whose feature cache already holds the test images, from a first run "
-        "with the `simple` templates (a linear probe or k-NN run on the same data fills the cache the same "
-        "way). clip_benchmark has no image feature cache for zero-shot and encodes the images again."),
+        ("The row `zeroshot, new prompts` is the prompt-engineering loop. A first florence run with the "
+        "`simple` templates fills the feature cache with the test images, as a linear probe or k-NN run on "
+        "the same data would. florence then reruns zero-shot with the dataset's templates in that folder. "
+        "clip_benchmark has no image feature cache for zero-shot and encodes the images again."),
         "",
         "| task | data | images | florence (s) | clip_benchmark (s) | speed-up | florence CPU (s) | clip_benchmark CPU (s) | CPU speed-up | metric (florence / clip_benchmark) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
