@@ -182,10 +182,13 @@ def ranks(single_process, tmp_path_factory) -> list[dict]:
 
 
 def _assert_tensors_close(actual: dict, expected: dict, where: str, atol: float = 1e-5) -> None:
+    # rtol 1e-4: the gradient of a frequent token's embedding row sums hundreds of terms, and with
+    # the gradient cache and checkpointing the order differs. On an AVX2-only CPU one such
+    # element of magnitude 0.26 differed by 1.6e-5 (relative 6e-5).
     assert actual.keys() == expected.keys(), where
     for name, tensor in expected.items():
         torch.testing.assert_close(
-            actual[name], tensor, atol=atol, rtol=1e-5, msg=lambda m, name=name: f"{where}, {name}: {m}"
+            actual[name], tensor, atol=atol, rtol=1e-4, msg=lambda m, name=name: f"{where}, {name}: {m}"
         )
 
 
