@@ -90,7 +90,7 @@ def time_florence(suite: Suite, model: EvalModel, run: RunSpec) -> tuple[float, 
 
 
 def time_florence_new_prompts(suite: Suite, model: EvalModel, run: RunSpec, output: Path) -> tuple[float, dict]:
-    """Rerun one zero-shot task in ``output``, whose feature cache already holds the test images."""
+    """Rerun one zero-shot task in ``output``, whose feature cache already contains the test images."""
     single = Suite(**{**suite.__dict__, "runs": [run]})
     start = time.perf_counter()
     record = run_suite(single, model, output, rerun=True)[0]

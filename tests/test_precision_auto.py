@@ -19,7 +19,7 @@ def test_explicit_precisions_are_kept(precision):
     assert resolve_precision(precision, "cpu") == precision
 
 
-def test_emulated_bf16_gets_a_warning_that_names_the_fix(caplog):
+def test_emulated_bf16_warns(caplog):
     if has_fast_bf16("cpu"):
         pytest.skip("this CPU has bfloat16 instructions, so no warning is due")
 

@@ -201,8 +201,8 @@ def permute_tokens(x: torch.Tensor, permutation: torch.Tensor, inverse: torch.Te
     """Gather the tokens of ``x`` ``[B, L, C]`` in ``permutation`` order (``inverse`` undoes it).
 
     Uses ``_PermuteTokens`` only when a gradient is needed. Without one (inference, or a
-    ``torch.jit.trace`` under ``no_grad``) it is a plain ``index_select``, which TorchScript and
-    ONNX can record; a custom autograd Function cannot be saved in a TorchScript graph.
+    ``torch.jit.trace`` under ``no_grad``) it is a plain ``index_select``, because TorchScript
+    cannot save a graph that calls a custom autograd Function.
     """
     if torch.is_grad_enabled() and x.requires_grad:
         return _PermuteTokens.apply(x, permutation, inverse)

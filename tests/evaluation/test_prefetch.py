@@ -5,7 +5,7 @@ import pytest
 from florence.evaluation._common import prefetch
 
 
-def test_prefetch_keeps_the_order_and_reads_in_another_thread():
+def test_prefetch_keeps_order_in_thread():
     reader_threads = []
 
     def batches():
@@ -33,7 +33,7 @@ def test_prefetch_reads_one_batch_ahead():
     assert read == [0, 1]
 
 
-def test_prefetch_raises_a_reading_error_when_that_batch_is_due():
+def test_prefetch_raises_read_error_in_order():
     def batches():
         yield 0
         raise OSError("truncated image: cifar10/test/00042.png")
