@@ -49,6 +49,8 @@ def test_video_split_subset_keeps_captions() -> None:
 
 
 def test_shared_suite_runs_video_retrieval(tmp_path, capsys) -> None:
+    require_shared("video_clips")
+    require_shared("video_clips2")
     shared = load_suite(REPO_ROOT / "suites" / "shared_data.yaml")
     video_runs = [run for run in shared.runs if run.task == "video_retrieval"]
     assert [run.dataset for run in video_runs] == ["video_clips"]
