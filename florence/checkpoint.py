@@ -29,7 +29,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+    # NamedTemporaryFile creates the file with mode 0600; give it the mode a plain open() would.
+    os.chmod(handle.name, 0o666 & ~_UMASK)
     os.replace(handle.name, path)
+
+
+def _read_umask() -> int:
+    """Return the process umask. Reading it means setting it, so this runs once, at import."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def save_weights(

@@ -72,3 +72,16 @@ def test_strict_load_raises_on_mismatch(tmp_path):
 def test_missing_checkpoint_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         florence.load_model(tmp_path / "nothing.safetensors")
+
+
+def test_atomic_write_uses_default_file_mode(tmp_path):
+    import stat
+
+    from florence.checkpoint import atomic_write_bytes
+
+    written = tmp_path / "record.json"
+    plain = tmp_path / "plain.json"
+    atomic_write_bytes(written, b"{}")
+    plain.write_bytes(b"{}")
+
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
