@@ -46,6 +46,7 @@ from florence.training.distributed import (
 from florence.training.grad_cache import backward_with_grad_cache
 from florence.training.loss import unicl_loss
 from florence.training.metrics import MetricsWriter
+from florence.training.nonfinite import NonfiniteCounter
 from florence.training.optim import cosine_lr, param_groups
 from florence.training.sampler import ResumableBatchSampler, SeededSampleDataset
 
@@ -118,8 +119,7 @@ class Trainer:
         self.dataset = build_train_dataset(config)
         self.state = TrainingState(step=0, epoch=0, batch_in_epoch=0)
         self.skipped_samples = 0
-        self.nonfinite_steps = 0
-        self.nonfinite_in_a_row = 0
+        self.nonfinite = NonfiniteCounter(config.max_nonfinite_steps)
         _logger.info(
             "model %s: %.2fM parameters; %d training samples",
             config.model,
@@ -296,26 +296,6 @@ class Trainer:
             values["loss_scale"] = self.scaler.get_scale()
         return values
 
-    def _count_nonfinite(self, values: dict[str, float]) -> None:
-        """Count and log a skipped non-finite step, or reset the count of such steps in a row."""
-        if not values["nonfinite"]:
-            self.nonfinite_in_a_row = 0
-            return
-        self.nonfinite_steps += 1
-        self.nonfinite_in_a_row += 1
-        limit = self.config.max_nonfinite_steps
-        # An fp16 overflow of the gradient alone is loss scaling at work, worth no warning.
-        overflow = self.scaler.is_enabled() and math.isfinite(values["loss"])
-        _logger.log(
-            logging.INFO if overflow else logging.WARNING,
-            "step %d: loss %s, gradient norm %s; skipped the update (%d in a row, limit %d)",
-            self.state.step,
-            values["loss"],
-            values["grad_norm"],
-            self.nonfinite_in_a_row,
-            limit,
-        )
-
     def _stop_after_nonfinite_limit(self) -> None:
         """Checkpoint and stop after ``max_nonfinite_steps`` non-finite steps in a row.
 
@@ -326,7 +306,7 @@ class Trainer:
             FloatingPointError: ``max_nonfinite_steps`` steps in a row were not finite.
         """
         limit = self.config.max_nonfinite_steps
-        if self.nonfinite_in_a_row < limit:
+        if not self.nonfinite.limit_reached:
             return
         self.save_checkpoint()
         raise FloatingPointError(
@@ -422,13 +402,15 @@ class Trainer:
                 # An estimate of the global count: ranks that skipped unreadable images hold fewer.
                 window_images += images.shape[0] * self.distributed.world_size
                 last = values
-                self._count_nonfinite(values)
+                self.nonfinite.record(
+                    self.state.step, values["loss"], values["grad_norm"], bool(values["nonfinite"]), self.scaler.is_enabled()
+                )
 
                 if self.state.step % config.log_every == 0 or self.state.step == end_step:
                     now = time.perf_counter()
                     values["images_per_second"] = window_images / max(now - window_start, 1e-9)
                     values["skipped_samples"] = self.skipped_samples
-                    values["nonfinite_steps"] = self.nonfinite_steps
+                    values["nonfinite_steps"] = self.nonfinite.total
                     window_start, window_images = now, 0
                     if metrics is not None:
                         metrics.write(self.state.step, values)
@@ -470,7 +452,7 @@ class Trainer:
             "train_seconds": train_seconds,
             "final_loss": last.get("loss"),
             "skipped_samples": self.skipped_samples,
-            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_steps": self.nonfinite.total,
         }
         if evaluate and main_process:
             results.update(evaluate(final_model, self.state.step))
