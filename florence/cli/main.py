@@ -261,7 +261,9 @@ def _add_benchmark(subparsers) -> None:
     )
     parser.add_argument("--output", help="output folder (default: runs/benchmark/<suite name>)")
     parser.add_argument("--rerun", action="store_true", help="run every task again, even those with an up-to-date record")
-    parser.add_argument("--device", default="cpu", help="torch device for the model, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device for the model: cpu, cuda or cuda:N (default: cpu)"
+    )
     parser.set_defaults(func=_run_benchmark, parser=parser)
 
 
@@ -820,13 +822,14 @@ def _run_export(args) -> int:
 
 
 def _run_benchmark(args) -> int:
-    from florence.evaluation.models import load_eval_model
+    from florence.evaluation.models import check_device, load_eval_model
     from florence.evaluation.report import write_reports
     from florence.evaluation.runner import run_suite
     from florence.evaluation.suite import load_suite
 
     suite = load_suite(args.suite)
-    model = load_eval_model(args.model, seed=suite.seed).to(args.device)
+    device = check_device(args.device)
+    model = load_eval_model(args.model, seed=suite.seed).to(device)
     output = Path(args.output) if args.output else Path("runs") / "benchmark" / suite.name
     run_suite(suite, model, output, rerun=args.rerun)
     for path in write_reports(output):

@@ -100,7 +100,7 @@ def florence_model(spec: str, seed: int = 0) -> EvalModel:
     after ``torch.manual_seed(seed)``. Its fingerprint hashes those weights. ``checkpoint``
     is set only for a loaded file, which the fine-tuning task starts from.
     """
-    from florence.checkpoint import WEIGHTS_NAME, load_model
+    from florence.checkpoint import WEIGHTS_NAME
     from florence.data.transforms import build_eval_transform
     from florence.evaluation.tasks import model_image_size
     from florence.models import create_model, list_models
@@ -113,7 +113,7 @@ def florence_model(spec: str, seed: int = 0) -> EvalModel:
     checkpoint = None
     if path.is_file():
         checkpoint = path
-        model = load_model(path)
+        model = _load_checkpoint(path)
         fingerprint = file_fingerprint(path)
         name = f"{model.model_name} ({_short_path(path)})"
     elif spec in list_models():
@@ -185,6 +185,40 @@ def load_eval_model(spec: str, seed: int = 0) -> EvalModel:
         return open_clip_model(arch, weights or None, seed=seed)
 
     return florence_model(spec, seed=seed)
+
+
+def check_device(name: str) -> torch.device:
+    """Return ``torch.device(name)`` after placing an empty tensor on it; raise ``ValueError`` with the fix if that fails.
+
+    This catches a misspelt device type and a CUDA device on a machine without a CUDA
+    driver or with fewer GPUs than the index, before any model or data is loaded.
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"invalid device {name!r}; pass cpu, cuda or cuda:N (N is the GPU index)") from error
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(
+            f"device {name!r} is not usable on this machine ({error}); it has {gpus} CUDA GPU(s), "
+            "so pass cpu" + (f" or cuda:0 to cuda:{gpus - 1}" if gpus else "")
+        ) from error
+    return device
+
+
+def _load_checkpoint(path: Path) -> nn.Module:
+    """Load a florence checkpoint file, or raise ``ValueError`` naming it when it is not a safetensors file."""
+    from safetensors import SafetensorError
+
+    from florence.checkpoint import load_model
+
+    try:
+        return load_model(path)
+    except SafetensorError as error:
+        raise ValueError(f"cannot read {path} as a florence checkpoint ({error}); {_MODEL_FORMS}") from error
 
 
 _MODEL_FORMS = (

@@ -58,6 +58,7 @@ from florence.evaluation.video import (
     VideoRetrievalSplit,
     build_video_retrieval_split,
     run_video_retrieval,
+    video_tower_model,
 )
 from florence.evaluation.zeroshot import build_zero_shot_classifier
 from florence.version import __version__
@@ -69,6 +70,7 @@ RECORD_VERSION = 1
 
 def run_suite(suite: Suite, model: EvalModel, output_dir: str | Path, rerun: bool = False) -> list[dict[str, Any]]:
     """Run every (dataset, task) of ``suite`` for ``model`` and return their records, skipped ones included."""
+    check_model_fits_suite(suite, model)
     output_dir = Path(output_dir)
     runner = SuiteRunner(suite, model, output_dir)
     records = []
@@ -76,6 +78,33 @@ def run_suite(suite: Suite, model: EvalModel, output_dir: str | Path, rerun: boo
         logger.info("run %d/%d: %s on %s", index, len(suite.runs), run.task, run.dataset)
         records.append(runner.run(run, rerun=rerun))
     return records
+
+
+def check_model_fits_suite(suite: Suite, model: EvalModel) -> None:
+    """Raise ``ValueError`` naming the run when a run needs what ``model`` lacks, before any run starts.
+
+    A ``tower: video`` run needs a florence CoSwin image tower, and a finetune run needs a
+    florence checkpoint file. Without this check those runs fail only after the runs
+    listed before them have finished.
+    """
+    for index, run in enumerate(suite.runs):
+        where = f"{suite.path}: runs[{index}] ({run.task} on {run.dataset})"
+        if run.options.get("tower") == "video":
+            try:
+                video_tower_model(model)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+        if run.task == "finetune":
+            _check_finetune_model(model, run.dataset, where)
+
+
+def _check_finetune_model(model: EvalModel, dataset: str, where: str = "") -> None:
+    if model.checkpoint is None:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(
+            f"{prefix}finetune on {dataset!r} needs a florence checkpoint as --model, got {model.name!r}; "
+            "pass a model.safetensors path, or drop the finetune run for this model"
+        )
 
 
 def model_key(model: EvalModel) -> str:
@@ -429,12 +458,8 @@ def _run_few_shot(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> di
 
 
 def _run_finetune(runner: SuiteRunner, run: RunSpec, dataset: DatasetSpec) -> dict[str, float]:
+    _check_finetune_model(runner.model, dataset.name)
     checkpoint = runner.model.checkpoint
-    if checkpoint is None:
-        raise ValueError(
-            f"finetune on {dataset.name!r} needs a florence checkpoint as --model, got {runner.model.name!r}; "
-            "pass a model.safetensors path, or drop the finetune run for this model"
-        )
     if dataset.format == "wds":
         raise ValueError(f"finetune on {dataset.name!r}: WebDataset splits are not supported; use format folder or csv")
 

@@ -26,6 +26,7 @@ Relative paths start at the current directory.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -115,10 +116,14 @@ def load_suite(path: str | Path) -> Suite:
     if not path.is_file():
         raise FileNotFoundError(f"suite file {path} not found; pass a YAML file such as suites/shared_data.yaml")
 
+    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise SuiteError(f"{path}: invalid YAML: {error}") from error
+        hint = ""
+        if "${" in text:
+            hint = "; an unquoted ${VAR} inside {...} or [...] is invalid YAML, so quote that value or use a block mapping"
+        raise SuiteError(f"{path}: invalid YAML: {error}{hint}") from error
 
     if not isinstance(raw, dict):
         raise SuiteError(f"{path}: expected a mapping with 'datasets' and 'runs', got {type(raw).__name__}")
@@ -250,12 +255,17 @@ def _parse_runs(raw: Any, datasets: dict[str, DatasetSpec], path: Path) -> list[
             raise SuiteError(f"{where}: unknown dataset {dataset!r}; defined datasets: {', '.join(datasets)}")
 
         options = {key: value for key, value in entry.items() if key not in ("task", "dataset")}
+        if options and not TASK_OPTIONS[task]:
+            raise SuiteError(f"{where}: {task} takes no options, got {sorted(options)}; remove them")
         _check_keys(options, list(TASK_OPTIONS[task]), where, f"{task} option")
         _check_task_fits_dataset(task, datasets[dataset], where)
+        options = {**TASK_OPTIONS[task], **options}
         if task in VIDEO_TASKS:
-            _check_video_options({**TASK_OPTIONS[task], **options}, where)
+            _check_video_options(options, where)
+        else:
+            options = check_task_options(task, options, where)
 
-        run = RunSpec(task, dataset, {**TASK_OPTIONS[task], **options})
+        run = RunSpec(task, dataset, options)
         if run.run_id in seen:
             raise SuiteError(f"{where}: task {task!r} on dataset {dataset!r} is listed twice; keep one")
         seen.add(run.run_id)
@@ -264,6 +274,12 @@ def _parse_runs(raw: Any, datasets: dict[str, DatasetSpec], path: Path) -> list[
 
 
 def _check_task_fits_dataset(task: str, dataset: DatasetSpec, where: str) -> None:
+    if task == "retrieval" and dataset.format in VIDEO_FORMATS:
+        raise SuiteError(
+            f"{where}: dataset {dataset.name!r} has format {dataset.format!r}, which holds videos; "
+            "use task video_retrieval for it, or a dataset of format "
+            f"{', '.join(RETRIEVAL_FORMATS)} for task retrieval"
+        )
     if (task in VIDEO_TASKS) != (dataset.format in VIDEO_FORMATS):
         raise SuiteError(
             f"{where}: {task} does not fit dataset {dataset.name!r} of format {dataset.format!r}; "
@@ -281,6 +297,8 @@ def _check_task_fits_dataset(task: str, dataset: DatasetSpec, where: str) -> Non
             f"{where}: {task} needs class labels, but dataset {dataset.name!r} has format {dataset.format!r}; "
             f"use one of {', '.join(CLASSIFICATION_FORMATS)}"
         )
+    if task == "finetune" and dataset.format == "wds":
+        raise SuiteError(f"{where}: finetune cannot read WebDataset splits of dataset {dataset.name!r}; use format folder or csv")
     if task in TRAIN_SPLIT_TASKS and dataset.train is None:
         raise SuiteError(f"{where}: {task} needs a 'train' split, but dataset {dataset.name!r} has none; add train: {{path: ...}}")
 
@@ -296,6 +314,119 @@ def _check_video_options(options: dict[str, Any], where: str) -> None:
         raise SuiteError(f"{where}: invalid sampling {options['sampling']!r}; valid values: {', '.join(SAMPLING_MODES)}")
     if options["tower"] not in ("frames", "video"):
         raise SuiteError(f"{where}: invalid tower {options['tower']!r}; valid values: frames, video")
-    ks = options["ks"]
-    if not isinstance(ks, list) or not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
-        raise SuiteError(f"{where}: invalid ks {ks!r}; pass a list of positive integers such as [1, 5, 10]")
+    options["ks"] = check_int_list(options["ks"], "ks", where, minimum=1, example="[1, 5, 10]")
+
+
+def check_task_options(task: str, options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check the options of an image task against the rules its task function applies at run time.
+
+    Returns the options with numbers written as text converted to floats: PyYAML reads
+    ``2e-5`` (no dot) as the string ``'2e-5'``.
+    """
+    options = dict(options)
+    if task == "retrieval":
+        options["ks"] = check_int_list(options["ks"], "ks", where, minimum=1, example="[1, 5, 10]")
+    elif task == "knn":
+        options["k"] = _check_int(options["k"], "k", where, minimum=1, example="20")
+        options["temperature"] = _check_number(options["temperature"], "temperature", where, "a positive number such as 0.07")
+    elif task == "linear_probe":
+        options["val_fraction"] = _check_fraction(options["val_fraction"], where)
+        options["l2_grid"] = _check_l2_grid(options["l2_grid"], where)
+    elif task == "few_shot":
+        options["shots"] = check_int_list(options["shots"], "shots", where, minimum=1, example="[1, 4, 16]")
+        options["seeds"] = check_int_list(options["seeds"], "seeds", where, minimum=None, example="[0, 1, 2]")
+        options["l2_grid"] = _check_l2_grid(options["l2_grid"], where)
+    elif task == "finetune":
+        _check_finetune_options(options, where)
+    return options
+
+
+def check_int_list(value: Any, key: str, where: str, minimum: int | None, example: str) -> list[int]:
+    """Return ``value`` if it is a non-empty list of integers (each >= ``minimum`` when given)."""
+    bound = "" if minimum is None else (" positive" if minimum == 1 else f" >= {minimum}")
+    if _is_int(value):
+        raise SuiteError(f"{where}: invalid {key} {value!r}: {key} takes a list; write {key}: [{value}]")
+    if not isinstance(value, list) or not value:
+        raise SuiteError(f"{where}: invalid {key} {value!r}; pass a non-empty list of{bound} integers such as {example}")
+    for item in value:
+        if not _is_int(item) or (minimum is not None and item < minimum):
+            raise SuiteError(
+                f"{where}: invalid value {item!r} in {key} {value!r}; pass a list of{bound} integers such as {example}"
+            )
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(value: Any, key: str, where: str, minimum: int, example: str) -> int:
+    if not _is_int(value) or value < minimum:
+        raise SuiteError(f"{where}: invalid {key} {value!r}; pass an integer >= {minimum}, e.g. {example}")
+    return value
+
+
+def _to_number(value: Any) -> float | None:
+    """Return ``value`` as a finite float (ints, floats and numbers written as text), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _check_number(value: Any, key: str, where: str, expected: str) -> float:
+    """Return ``value`` as a positive finite number, or raise naming ``key`` and ``expected``."""
+    number = _to_number(value)
+    if number is None or number <= 0:
+        raise SuiteError(f"{where}: invalid {key} {value!r}; pass {expected}")
+    return number
+
+
+def _check_fraction(value: Any, where: str) -> float:
+    number = _to_number(value)
+    if number is None or not 0 < number < 1:
+        raise SuiteError(f"{where}: invalid val_fraction {value!r}; pass a fraction between 0 and 1 (exclusive), e.g. 0.2")
+    return number
+
+
+def _check_l2_grid(value: Any, where: str) -> list[float] | None:
+    fix = "pass a non-empty list of L2 strengths >= 0 such as [1.0e-4, 1.0e-3, 1.0e-2], or null for the default grid"
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise SuiteError(f"{where}: invalid l2_grid {value!r}; {fix}")
+    grid = []
+    for item in value:
+        number = _to_number(item)
+        if number is None or number < 0:
+            raise SuiteError(f"{where}: invalid value {item!r} in l2_grid {value!r}; {fix}")
+        grid.append(number)
+    return grid
+
+
+def _check_finetune_options(options: dict[str, Any], where: str) -> None:
+    """Check finetune options in place, with the rules of ``florence.evaluation.finetune``."""
+    from florence.config import PRECISIONS as TRAIN_PRECISIONS
+    from florence.training.data import TEMPLATE_SETS
+
+    options["steps"] = _check_int(options["steps"], "steps", where, minimum=1, example="100")
+    if not _is_int(options["batch_size"]) or options["batch_size"] < 2:
+        raise SuiteError(
+            f"{where}: invalid batch_size {options['batch_size']!r}; pass an integer >= 2, "
+            "because the contrastive loss needs at least 2 images per batch"
+        )
+    options["lr"] = _check_number(options["lr"], "lr", where, "a positive learning rate such as 2.0e-5")
+    if options["image_size"] is not None:
+        options["image_size"] = _check_int(options["image_size"], "image_size", where, minimum=1, example="224")
+    if options["precision"] not in TRAIN_PRECISIONS:
+        raise SuiteError(
+            f"{where}: invalid precision {options['precision']!r}; valid values: {', '.join(TRAIN_PRECISIONS)}"
+        )
+    if options["templates"] not in TEMPLATE_SETS:
+        raise SuiteError(f"{where}: invalid templates {options['templates']!r}; valid values: {', '.join(TEMPLATE_SETS)}")

@@ -135,7 +135,7 @@ def encode_readable_videos(
         "num_clips": options["num_clips"],
         "tower": options.get("tower", "frames"),
     }
-    encoder = _video_tower_model(model) if sampling["tower"] == "video" else model
+    encoder = video_tower_model(model) if sampling["tower"] == "video" else model
     device = resolve_device(model, None)
     embeddings, kept = [], []
     for index, video in enumerate(videos):
@@ -150,7 +150,7 @@ def encode_readable_videos(
     return torch.stack(embeddings), kept
 
 
-def _video_tower_model(model: Any) -> Any:
+def video_tower_model(model: Any) -> Any:
     """Return the florence model inside an ``EvalModel``, whose CoSwin tower can be inflated to Video CoSwin."""
     inner = getattr(model, "model", model)
     if not (hasattr(inner, "visual") and hasattr(inner, "image_projection")):

@@ -262,3 +262,129 @@ def test_shipped_suites_load(name, runs):
     assert len(suite.runs) == runs
     for dataset in suite.datasets.values():
         assert load_templates(dataset)
+
+
+OPTION_DATASETS = {
+    "images": {"format": "csv", "test": "test.csv", "train": "train.csv"},
+    "captions": {"format": "captions", "test": "captions.tsv"},
+    "clips": {"format": "video_captions", "test": "clips.tsv"},
+}
+
+
+@pytest.mark.parametrize(
+    ("run", "message"),
+    [
+        ({"task": "knn", "k": 0}, r"runs\[0\]: invalid k 0; pass an integer >= 1"),
+        ({"task": "knn", "k": 2.5}, "invalid k 2.5"),
+        ({"task": "knn", "temperature": 0}, "invalid temperature 0; pass a positive number"),
+        ({"task": "knn", "temperature": "warm"}, "invalid temperature 'warm'"),
+        ({"task": "linear_probe", "val_fraction": 1.0}, "invalid val_fraction 1.0; pass a fraction between 0 and 1"),
+        ({"task": "linear_probe", "l2_grid": []}, r"invalid l2_grid \[\]; pass a non-empty list"),
+        ({"task": "linear_probe", "l2_grid": 0.01}, "invalid l2_grid 0.01"),
+        ({"task": "linear_probe", "l2_grid": [0.1, -1]}, r"invalid value -1 in l2_grid \[0.1, -1\]"),
+        ({"task": "few_shot", "shots": 4}, r"invalid shots 4: shots takes a list; write shots: \[4\]"),
+        ({"task": "few_shot", "shots": [1, 0]}, r"invalid value 0 in shots \[1, 0\]; pass a list of positive integers"),
+        ({"task": "few_shot", "shots": []}, r"invalid shots \[\]"),
+        ({"task": "few_shot", "seeds": [0, "1"]}, r"invalid value '1' in seeds"),
+        ({"task": "few_shot", "seeds": 3}, r"write seeds: \[3\]"),
+        ({"task": "finetune", "steps": 0}, "invalid steps 0"),
+        ({"task": "finetune", "batch_size": 1}, "invalid batch_size 1; pass an integer >= 2"),
+        ({"task": "finetune", "lr": 0}, "invalid lr 0; pass a positive learning rate"),
+        ({"task": "finetune", "lr": "fast"}, "invalid lr 'fast'"),
+        ({"task": "finetune", "image_size": 0}, "invalid image_size 0"),
+        ({"task": "finetune", "precision": "fp8"}, "invalid precision 'fp8'; valid values: fp32, bf16, fp16"),
+        ({"task": "finetune", "templates": "imagenet"}, "invalid templates 'imagenet'; valid values: train, none"),
+        ({"task": "retrieval", "dataset": "captions", "ks": 5}, r"write ks: \[5\]"),
+        ({"task": "retrieval", "dataset": "captions", "ks": [1, 0]}, r"invalid value 0 in ks"),
+        ({"task": "video_retrieval", "dataset": "clips", "ks": [True]}, r"invalid value True in ks"),
+    ],
+)
+def test_suite_rejects_bad_task_options(tmp_path, run, message):
+    path = write_suite(tmp_path, OPTION_DATASETS, [{"dataset": "images", **run}])
+
+    with pytest.raises(SuiteError, match=message) as error:
+        load_suite(path)
+    assert str(path) in str(error.value)
+
+
+def test_suite_reads_numbers_written_as_text(tmp_path):
+    path = tmp_path / "suite.yaml"
+    path.write_text(
+        "datasets:\n  images: {format: csv, test: test.csv, train: train.csv}\n"
+        "runs:\n  - {task: finetune, dataset: images, lr: 2e-5}\n  - {task: linear_probe, dataset: images, l2_grid: [1e-4]}\n"
+    )
+
+    runs = load_suite(path).runs
+
+    assert runs[0].options["lr"] == 2e-5
+    assert runs[1].options["l2_grid"] == [1e-4]
+
+
+def test_suite_zeroshot_takes_no_options(tmp_path):
+    path = write_suite(tmp_path, OPTION_DATASETS, [{"task": "zeroshot", "dataset": "images", "shots": [1]}])
+
+    with pytest.raises(SuiteError, match=r"runs\[0\]: zeroshot takes no options, got \['shots'\]; remove them"):
+        load_suite(path)
+
+
+def test_suite_retrieval_on_videos(tmp_path):
+    path = write_suite(tmp_path, OPTION_DATASETS, [{"task": "retrieval", "dataset": "clips"}])
+
+    with pytest.raises(SuiteError, match="use task video_retrieval"):
+        load_suite(path)
+
+
+def test_suite_default_options_valid(tmp_path):
+    runs = [{"task": task, "dataset": "images"} for task in ("zeroshot", "linear_probe", "few_shot", "knn", "finetune")]
+    runs += [{"task": "retrieval", "dataset": "captions"}, {"task": "video_retrieval", "dataset": "clips"}]
+
+    suite = load_suite(write_suite(tmp_path, OPTION_DATASETS, runs))
+
+    assert [run.task for run in suite.runs] == [run["task"] for run in runs]
+
+
+def test_video_tower_checked_before_runs(tmp_path, tiny_model):
+    runs = [{"task": "zeroshot", "dataset": "images"}, {"task": "video_retrieval", "dataset": "clips", "tower": "video"}]
+    path = write_suite(tmp_path, OPTION_DATASETS, runs)
+
+    # test.csv does not exist, so the zeroshot run would fail with FileNotFoundError if it started.
+    with pytest.raises(ValueError, match=r"runs\[1\] \(video_retrieval on clips\): tower: video .*use tower: frames"):
+        run_suite(load_suite(path), tiny_model, tmp_path / "out")
+
+
+def test_finetune_model_checked_before_runs(tmp_path, tiny_model):
+    runs = [{"task": "zeroshot", "dataset": "images"}, {"task": "finetune", "dataset": "images"}]
+    path = write_suite(tmp_path, OPTION_DATASETS, runs)
+
+    with pytest.raises(ValueError, match=r"runs\[1\] \(finetune on images\): finetune on 'images' needs a florence checkpoint"):
+        run_suite(load_suite(path), tiny_model, tmp_path / "out")
+
+
+def test_non_safetensors_model_file(tmp_path):
+    path = tmp_path / "weights.txt"
+    path.write_text("not a checkpoint")
+
+    with pytest.raises(ValueError, match=r"cannot read .*weights.txt as a florence checkpoint .*open_clip:ARCH"):
+        load_eval_model(str(path))
+
+
+@pytest.mark.parametrize(("device", "message"), [("gpu", "invalid device 'gpu'; pass cpu, cuda or cuda:N"), ("cuda:99", "device 'cuda:99' is not usable")])
+def test_check_device_rejects(device, message):
+    from florence.evaluation.models import check_device
+
+    with pytest.raises(ValueError, match=message):
+        check_device(device)
+
+
+def test_check_device_cpu():
+    from florence.evaluation.models import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+
+
+def test_suite_variable_in_flow_mapping(tmp_path):
+    path = tmp_path / "suite.yaml"
+    path.write_text("datasets:\n  data: {format: csv, test: ${DATA}/test.csv}\nruns: [{task: zeroshot, dataset: data}]\n")
+
+    with pytest.raises(SuiteError, match=r"(?s)invalid YAML: .*quote that value or use a block mapping"):
+        load_suite(path)

@@ -144,6 +144,47 @@ def test_cli_benchmark_unknown_model(tmp_path, suite_path, capsys):
     assert "florence-tiny" in message
 
 
+
+@pytest.fixture
+def offline_suite(tmp_path):
+    """Return a suite whose data files do not exist, for errors that must come before any data is read."""
+    return write_suite(tmp_path, {"images": {"format": "csv", "test": "absent.csv"}}, [{"task": "zeroshot", "dataset": "images"}])
+
+
+def _benchmark_error(capsys, *arguments):
+    status = main(["benchmark", *arguments])
+    return status, capsys.readouterr().err
+
+
+def test_cli_benchmark_non_checkpoint_file(tmp_path, offline_suite, capsys):
+    (tmp_path / "notes.txt").write_text("not weights")
+
+    status, message = _benchmark_error(capsys, "--suite", str(offline_suite), "--model", str(tmp_path / "notes.txt"))
+
+    assert status == 2
+    assert "cannot read" in message
+    assert "notes.txt as a florence checkpoint" in message
+    assert "open_clip:ARCH" in message
+    assert "Traceback" not in message
+
+
+@pytest.mark.parametrize(("device", "message"), [("gpu", "invalid device 'gpu'"), ("cuda:99", "device 'cuda:99' is not usable")])
+def test_cli_benchmark_bad_device(offline_suite, model_spec, capsys, device, message):
+    status, error = _benchmark_error(capsys, "--suite", str(offline_suite), "--model", model_spec, "--device", device)
+
+    assert status == 2
+    assert message in error
+
+
+def test_cli_benchmark_shots_not_list(tmp_path, model_spec, capsys):
+    datasets = {"images": {"format": "csv", "test": "absent.csv", "train": "absent.csv"}}
+    suite = write_suite(tmp_path, datasets, [{"task": "few_shot", "dataset": "images", "shots": 4}])
+
+    status, message = _benchmark_error(capsys, "--suite", str(suite), "--model", model_spec)
+
+    assert status == 2
+    assert "runs[0]: invalid shots 4: shots takes a list; write shots: [4]" in message
+
 def test_length_sorted_text_encoding_matches(tmp_path):
     from florence.evaluation.retrieval import encode_texts
     from florence.evaluation.runner import encode_texts_by_length

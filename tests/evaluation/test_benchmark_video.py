@@ -133,17 +133,17 @@ def test_video_tower_matches_adapter_metrics(tmp_path) -> None:
 
 
 def test_video_tower_needs_a_florence_model(tmp_path) -> None:
-    from florence.evaluation.video import _video_tower_model
+    from florence.evaluation.video import video_tower_model
 
     with pytest.raises(ValueError, match="use tower: frames"):
-        _video_tower_model(torch.nn.Linear(2, 2))
+        video_tower_model(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize(
     ("datasets", "runs", "message"),
     [
         ("flickr", [{"task": "video_retrieval", "dataset": "flickr"}], "video_retrieval does not fit dataset 'flickr'"),
-        ("video", [{"task": "retrieval", "dataset": "video"}], "retrieval does not fit dataset 'video'"),
+        ("video", [{"task": "retrieval", "dataset": "video"}], "dataset 'video' has format 'video_captions', which holds videos; use task video_retrieval"),
         ("video", [{"task": "video_retrieval", "dataset": "video", "sampling": "random"}], "invalid sampling 'random'"),
         ("video", [{"task": "video_retrieval", "dataset": "video", "num_frames": 0}], "invalid num_frames 0"),
         ("video", [{"task": "video_retrieval", "dataset": "video", "tower": "clip"}], "invalid tower 'clip'"),
