@@ -145,7 +145,9 @@ def write_chart(records: list[dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 1.5), 4.5))
     for offset, model in enumerate(models):
         positions = [index + (offset - (len(models) - 1) / 2) * width for index in range(len(labels))]
+        # A model without a record for a label gets an empty bar labelled "n/a", not a 0.
         entries = [values[model].get(label, (0.0, 0.0, 0.0)) for label in labels]
+        texts = [f"{values[model][label][0]:.1f}" if label in values[model] else "n/a" for label in labels]
         bars = axes.bar(
             positions,
             [entry[0] for entry in entries],
@@ -154,12 +156,14 @@ def write_chart(records: list[dict[str, Any]], path: Path) -> None:
             capsize=3,
             label=model,
         )
-        axes.bar_label(bars, fmt="%.1f", fontsize=7, padding=3)
+        axes.bar_label(bars, labels=texts, fontsize=7, padding=3)
 
     axes.set_xticks(range(len(labels)), labels, fontsize=7)
     axes.set_ylabel("percent (95% bootstrap CI)")
-    axes.set_ylim(0, 100)
-    axes.legend(fontsize=7, loc="upper right")
+    # Headroom above 100 keeps the value labels, drawn above the error bars, inside the plot.
+    axes.set_ylim(0, 115)
+    axes.set_yticks(range(0, 101, 20))
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
 
     buffer = io.BytesIO()
