@@ -267,6 +267,17 @@ def _add_benchmark(subparsers) -> None:
     parser.set_defaults(func=_run_benchmark, parser=parser)
 
 
+def _positive_int(text: str) -> int:
+    """Parse an integer option that must be at least 1; argparse reports the error with the option name."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; pass an integer of 1 or more")
+    return value
+
+
 def _add_video(subparsers) -> None:
     parser = subparsers.add_parser("video", help="video models: action recognition (zero-shot or fine-tuned), embedding and search")
     commands = parser.add_subparsers(dest="video_command", required=True, parser_class=ArgumentParser)
@@ -281,13 +292,13 @@ def _add_video(subparsers) -> None:
     classify.add_argument("--templates", default="video", help="template set (video, heldout, imagenet, simple) or a text file")
     classify.add_argument("--tower", choices=("frames", "video"), default="frames",
                           help="frames: mean of per-frame image embeddings; video: inflated Video CoSwin")
-    classify.add_argument("--num-frames", type=int, default=8, help="frames per clip (default: 8)")
+    classify.add_argument("--num-frames", type=_positive_int, default=8, help="frames per clip (default: 8)")
     classify.add_argument("--sampling", choices=("uniform", "dense"), default="uniform", help="frame sampling (default: uniform)")
-    classify.add_argument("--frame-interval", type=int, default=2, help="frames between samples in dense sampling")
-    classify.add_argument("--num-clips", type=int, default=1, help="temporal test clips per video")
+    classify.add_argument("--frame-interval", type=_positive_int, default=2, help="frames between samples in dense sampling")
+    classify.add_argument("--num-clips", type=_positive_int, default=1, help="temporal test clips per video")
     classify.add_argument("--num-crops", type=int, choices=(1, 3), default=1, help="spatial test crops per clip")
-    classify.add_argument("--image-size", type=int, help="crop size in pixels (default: the model's input size)")
-    classify.add_argument("--top", type=int, default=5, help="labels to print per clip")
+    classify.add_argument("--image-size", type=_positive_int, help="crop size in pixels (default: the model's input size)")
+    classify.add_argument("--top", type=_positive_int, default=5, help="labels to print per clip")
     classify.set_defaults(func=_run_video_classify, parser=classify)
 
     train = commands.add_parser(
@@ -297,12 +308,12 @@ def _add_video(subparsers) -> None:
     train.add_argument("--output-dir", required=True, help="folder for checkpoints and metrics.jsonl (resumed if present)")
     train.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"image model to inflate (default: {DEFAULT_CHECKPOINT})")
     train.add_argument("--label-column", default="label", help="CSV column with the class name (default: label)")
-    train.add_argument("--epochs", type=int, default=30, help="maximum epochs (default: 30)")
-    train.add_argument("--clips-per-video", type=int, default=3, help="random temporal crops of each video per epoch (default: 3)")
-    train.add_argument("--batch-size", type=int, default=4,
+    train.add_argument("--epochs", type=_positive_int, default=30, help="maximum epochs (default: 30)")
+    train.add_argument("--clips-per-video", type=_positive_int, default=3, help="random temporal crops of each video per epoch (default: 3)")
+    train.add_argument("--batch-size", type=_positive_int, default=4,
                        help="clips per process and forward pass (default: 4); the global batch is "
                             "batch size x --accum-steps x processes")
-    train.add_argument("--accum-steps", type=int, default=1, help="forward passes per optimizer step (default: 1)")
+    train.add_argument("--accum-steps", type=_positive_int, default=1, help="forward passes per optimizer step (default: 1)")
     train.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 0.001)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="maximum gradient norm; 0 turns clipping off (default: 1.0)")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
@@ -312,11 +323,12 @@ def _add_video(subparsers) -> None:
     train.add_argument("--workers", type=int, default=0, help="data loading processes per training process (default: 0)")
     train.add_argument("--checkpoint-every", type=int, default=0,
                        help="also checkpoint every N steps; 0 checkpoints after each epoch only (default: 0)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the data order and augmentation (default: 0)")
-    train.add_argument("--num-frames", type=int, default=8, help="frames per clip (default: 8)")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of the new classifier head, the data order and augmentation (default: 0)")
+    train.add_argument("--num-frames", type=_positive_int, default=8, help="frames per clip (default: 8)")
     train.add_argument("--sampling", choices=("uniform", "dense"), default="uniform", help="frame sampling (default: uniform)")
-    train.add_argument("--image-size", type=int, help="crop size in pixels (default: the model's input size)")
-    train.add_argument("--temporal-window", type=int, default=2, help="attention window length in temporal tokens (default: 2)")
+    train.add_argument("--image-size", type=_positive_int, help="crop size in pixels (default: the model's input size)")
+    train.add_argument("--temporal-window", type=_positive_int, default=2, help="attention window length in temporal tokens (default: 2)")
     train.set_defaults(func=_run_video_train, parser=train)
 
     embed = commands.add_parser(
@@ -327,7 +339,7 @@ def _add_video(subparsers) -> None:
     embed.add_argument("clips", nargs="+", help="video files")
     embed.add_argument("--out", required=True, help="embeddings folder (created if missing, resumed if present)")
     embed.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model.safetensors (default: {DEFAULT_CHECKPOINT})")
-    embed.add_argument("--num-frames", type=int, default=8, help="frames sampled per video (default: 8)")
+    embed.add_argument("--num-frames", type=_positive_int, default=8, help="frames sampled per video (default: 8)")
     embed.add_argument("--tower", choices=("frames", "video"), default="frames",
                        help="frames: mean of per-frame image embeddings; video: inflated Video CoSwin")
     embed.set_defaults(func=_run_video_embed, parser=embed)
@@ -354,13 +366,13 @@ def _add_video_eval(commands) -> None:
     evaluate.add_argument("--templates", help="--zero-shot: template set (video, heldout, imagenet, simple) or a text file (default: video)")
     evaluate.add_argument("--tower", choices=("frames", "video"), help="--zero-shot: frames (mean of per-frame image "
                           "embeddings, the default) or video (inflated Video CoSwin)")
-    evaluate.add_argument("--num-frames", type=int, help="frames per clip (default: the classifier's, or 8 with --zero-shot)")
+    evaluate.add_argument("--num-frames", type=_positive_int, help="frames per clip (default: the classifier's, or 8 with --zero-shot)")
     evaluate.add_argument("--sampling", choices=("uniform", "dense"), help="frame sampling (default: the classifier's, or uniform)")
-    evaluate.add_argument("--frame-interval", type=int, help="frames between samples in dense sampling (default: the classifier's, or 2)")
-    evaluate.add_argument("--num-clips", type=int, default=1, help="temporal test clips per video (default: 1)")
+    evaluate.add_argument("--frame-interval", type=_positive_int, help="frames between samples in dense sampling (default: the classifier's, or 2)")
+    evaluate.add_argument("--num-clips", type=_positive_int, default=1, help="temporal test clips per video (default: 1)")
     evaluate.add_argument("--num-crops", type=int, choices=(1, 3), default=1, help="spatial test crops per clip (default: 1)")
-    evaluate.add_argument("--image-size", type=int, help="crop size in pixels (default: the classifier's or the model's input size)")
-    evaluate.add_argument("--bootstrap-samples", type=int, default=1000, help="resamples behind the 95%% intervals (default: 1000)")
+    evaluate.add_argument("--image-size", type=_positive_int, help="crop size in pixels (default: the classifier's or the model's input size)")
+    evaluate.add_argument("--bootstrap-samples", type=_positive_int, default=1000, help="resamples behind the 95%% intervals (default: 1000)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default: 0)")
     evaluate.add_argument("--per-video", action="store_true", help="also print each video's label and top-1 prediction")
     evaluate.add_argument("--out", help="write the metrics, settings and per-video predictions to this JSON file")
@@ -377,12 +389,12 @@ def _add_video_search(commands) -> None:
     )
     search.add_argument("query", nargs="?", help='text query, e.g. "a dog playing in the snow"')
     search.add_argument("--index", help="index folder built from 'florence video embed' output")
-    search.add_argument("--top", type=int, help=f"number of videos (default: {DEFAULT_SEARCH_K}, or all of a smaller index)")
+    search.add_argument("--top", type=_positive_int, help=f"number of videos (default: {DEFAULT_SEARCH_K}, or all of a smaller index)")
     search.add_argument("--captions-json", help="JSON file with 'video', 'candidates' and optional 'intended_match_index' "
                         "(one object or a list); ranks the candidates for each video instead of searching an index")
     search.add_argument("--checkpoint", help=f"model.safetensors (default: the index's checkpoint, else {DEFAULT_CHECKPOINT})")
-    search.add_argument("--num-frames", type=int, default=8, help="--captions-json: frames sampled per clip (default: 8)")
-    search.add_argument("--num-clips", type=int, default=1, help="--captions-json: temporal clips per video, embeddings averaged (default: 1)")
+    search.add_argument("--num-frames", type=_positive_int, default=8, help="--captions-json: frames sampled per clip (default: 8)")
+    search.add_argument("--num-clips", type=_positive_int, default=1, help="--captions-json: temporal clips per video, embeddings averaged (default: 1)")
     search.add_argument("--tower", choices=("frames", "video"), default="frames",
                         help="--captions-json: frames (mean of per-frame image embeddings) or video (inflated Video CoSwin)")
     search.add_argument("--json", action="store_true", help="print the results as JSON lines")
@@ -846,9 +858,7 @@ def _run_video_classify(args) -> int:
 
     labels = _video_labels(args)
     templates = _video_templates(args.templates)
-    missing = [clip for clip in args.clips if not Path(clip).is_file()]
-    if missing:
-        raise FileNotFoundError(f"video files not found: {', '.join(missing)}")
+    _check_video_files(args.clips)
 
     model = load_model(args.checkpoint)
     try:
@@ -876,15 +886,36 @@ def _run_video_classify(args) -> int:
     return 0
 
 
+def _check_video_files(clips: list[str]) -> None:
+    """Raise for a clip argument that is a folder, a still image or a missing file."""
+    folders = [clip for clip in clips if Path(clip).is_dir()]
+    if folders:
+        raise ValueError(f"{', '.join(folders)} is a folder; pass the video files in it, e.g. {folders[0]}/*.mp4")
+    images = [clip for clip in clips if Path(clip).suffix.lower() in _STILL_IMAGE_EXTENSIONS]
+    if images:
+        raise ValueError(f"{', '.join(images)} is a still image, not a video; use 'florence embed' for images")
+    missing = [clip for clip in clips if not Path(clip).is_file()]
+    if missing:
+        raise FileNotFoundError(f"video files not found: {', '.join(missing)}")
+
+
+# GIF is missing on purpose because the video commands decode animated GIFs as videos.
+_STILL_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
 def _video_labels(args) -> list[str]:
     """Return the class names of --labels or --label-map."""
     from florence.adapters.video.zeroshot import read_label_map
 
     if args.labels is None:
-        return read_label_map(args.label_map)
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    if len(labels) < 2:
-        raise ValueError(f"--labels {args.labels!r} must name at least two comma-separated labels")
+        labels, option = read_label_map(args.label_map), f"--label-map {args.label_map}"
+    else:
+        labels, option = [label.strip() for label in args.labels.split(",") if label.strip()], f"--labels {args.labels!r}"
+        if len(labels) < 2:
+            raise ValueError(f"{option} must name at least two comma-separated labels")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"{option} names these labels more than once: {', '.join(map(repr, duplicates))}; list each label once")
     return labels
 
 
@@ -899,9 +930,10 @@ def _run_video_train(args) -> int:
     from florence.adapters.video.dataset import VideoDataset
     from florence.adapters.video.finetune import (
         VideoFinetuneConfig,
+        build_video_classifier,
         finetune_video_classifier,
     )
-    from florence.adapters.video.inflate import inflate_coswin, load_image_coswin
+    from florence.adapters.video.inflate import load_image_coswin
     from florence.training.distributed import init_distributed, leave_process_group
 
     # Building the config validates the arguments before the process group and the data are set up.
@@ -927,12 +959,20 @@ def _run_video_train(args) -> int:
     if len(train_dataset) == 0:
         raise ValueError(f"{args.data} has no readable videos; see the warnings above")
 
-    model = inflate_coswin(image_model, temporal_window=args.temporal_window, num_frames=args.num_frames)
-    model.set_input_size(img_size=image_size)
-    model.reset_classifier(len(train_dataset.classes))
+    model = build_video_classifier(
+        image_model,
+        len(train_dataset.classes),
+        seed=args.seed,
+        temporal_window=args.temporal_window,
+        num_frames=args.num_frames,
+        image_size=image_size,
+    )
     metrics = finetune_video_classifier(model, train_dataset, eval_dataset, config, distributed=distributed)
     leave_process_group(distributed)
     if distributed.is_main_process:
+        # Percent, as 'florence video eval' prints accuracy.
+        if "eval_top1" in metrics:
+            metrics = {**metrics, "eval_top1": f"{100 * metrics['eval_top1']:.1f}%"}
         _print_results(metrics)
         print(f"weights: {Path(args.output_dir) / 'model.safetensors'}; classes: {Path(args.output_dir) / 'classes.txt'}")
     return 0
@@ -941,9 +981,7 @@ def _run_video_train(args) -> int:
 def _run_video_embed(args) -> int:
     from florence.adapters.video.retrieval import embed_video_collection
 
-    missing = [clip for clip in args.clips if not Path(clip).is_file()]
-    if missing:
-        raise FileNotFoundError(f"video files not found: {', '.join(missing)}")
+    _check_video_files(args.clips)
     written, already_done, failed = embed_video_collection(
         args.checkpoint, args.clips, args.out, num_frames=args.num_frames, tower=args.tower
     )
@@ -983,10 +1021,6 @@ def _check_video_eval_args(args) -> None:
                 raise ValueError(f"--{option.replace('_', '-')} applies only with --zero-shot; a classifier uses the classes it was trained on")
         if args.checkpoint is None:
             raise ValueError("pass --checkpoint with the --output-dir of 'florence video train', or --zero-shot for an image-text model")
-    for option in ("num_frames", "frame_interval", "num_clips", "image_size", "bootstrap_samples"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            raise ValueError(f"--{option.replace('_', '-')} {value} is out of range; pass a positive integer")
 
 
 def _video_eval_dataset(args, classes: list[str] | None, class_source: str):
@@ -1010,8 +1044,9 @@ def _zero_shot_video_eval(args):
     from florence.tokenizer import get_tokenizer
 
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
-    model = load_model(checkpoint)
+    _reject_video_classifier(checkpoint)
     classes = _video_labels(args) if args.labels is not None or args.label_map is not None else None
+    model = load_model(checkpoint)
     dataset = _video_eval_dataset(args, classes, "--labels" if args.labels else "--label-map")
     templates = _video_templates(args.templates or "video")
     tower = args.tower or "frames"
@@ -1026,6 +1061,20 @@ def _zero_shot_video_eval(args):
     score_views = zero_shot_scorer(model, get_tokenizer(), dataset.classes, templates, tower)
     settings = {"mode": "zero-shot", "checkpoint": str(Path(checkpoint).resolve()), "tower": tower, "templates": templates}
     return score_views, dataset, views, settings
+
+
+def _reject_video_classifier(checkpoint: str) -> None:
+    """Raise if ``checkpoint`` is a 'florence video train' classifier, which has no text tower for --zero-shot."""
+    from florence.adapters.video.classifier import find_classifier_files
+
+    try:
+        find_classifier_files(checkpoint)
+    except FileNotFoundError:
+        return
+    raise ValueError(
+        f"{checkpoint} is a fine-tuned video classifier from 'florence video train', which --zero-shot cannot use; "
+        "drop --zero-shot to score its trained classes, or pass an image-text model.safetensors"
+    )
 
 
 def _classifier_video_eval(args):
@@ -1111,6 +1160,8 @@ def _run_video_search(args) -> int:
     if args.query is None or args.index is None:
         raise ValueError('give a text query and --index DIR, e.g. florence video search "a dog in the snow" --index DIR, '
                          "or --captions-json FILE")
+    if not args.query.strip():
+        raise ValueError(f"the text query {args.query!r} is empty; describe the video to find, e.g. \"a dog in the snow\"")
 
     _quiet_faiss_loader(args)
     index = SearchIndex.load(args.index)
@@ -1136,10 +1187,14 @@ def _check_video_index(index, folder: str) -> None:
 
 def _rank_video_captions(args) -> int:
     from florence.adapters.video.io import VideoDecodeError
-    from florence.adapters.video.retrieval import rank_caption_candidates
+    from florence.adapters.video.retrieval import (
+        rank_caption_candidates,
+        read_caption_candidates,
+    )
     from florence.checkpoint import load_model
     from florence.tokenizer import get_tokenizer
 
+    read_caption_candidates(args.captions_json)  # Checks the file before the model loads.
     model = load_model(args.checkpoint or DEFAULT_CHECKPOINT)
     options = {"num_frames": args.num_frames, "num_clips": args.num_clips, "tower": args.tower}
     try:
@@ -1273,7 +1328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"florence: error: {_error_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = _RESUME_HINTS.get(args.command)
+        command = f"video {args.video_command}" if args.command == "video" else args.command
+        hint = _RESUME_HINTS.get(command)
         print("florence: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
 
@@ -1284,6 +1340,8 @@ _RESUME_HINTS = {
     "benchmark": "run the same command again to resume the suite",
     "data": "run the same command again to keep the finished shards and write the rest",
     "embed": "run the same command again to embed only what is missing",
+    "video train": "run the same command again to resume from the last checkpoint",
+    "video embed": "run the same command again to embed only what is missing",
 }
 
 

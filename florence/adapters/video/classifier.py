@@ -57,24 +57,36 @@ def classifier_config(model: VideoCoSwin, dataset: VideoDataset) -> VideoClassif
     )
 
 
-def write_classifier_config(output_dir: str | Path, config: VideoClassifierConfig) -> Path:
-    """Write ``output_dir/video_classifier.json`` atomically, or check an existing one against ``config``.
+def check_classifier_config(output_dir: str | Path, config: VideoClassifierConfig) -> None:
+    """Check an existing ``output_dir/video_classifier.json`` against ``config``; do nothing if there is none.
 
     Raises:
         ValueError: the folder already contains a classifier with other classes or another
             architecture, whose checkpoints a resumed run could not load.
     """
+    path = Path(output_dir) / CONFIG_NAME
+    if not path.is_file():
+        return
+    existing = read_classifier_config(path)
+    for field in ("classes", "model"):
+        if getattr(existing, field) != getattr(config, field):
+            raise ValueError(
+                f"{path} was written for another {field} ({_short(getattr(existing, field))}) than this run's "
+                f"({_short(getattr(config, field))}); use another --output-dir or the original data and checkpoint"
+            )
+
+
+def write_classifier_config(output_dir: str | Path, config: VideoClassifierConfig) -> Path:
+    """Write ``output_dir/video_classifier.json`` atomically, or check an existing one against ``config``.
+
+    Raises:
+        ValueError: as :func:`check_classifier_config`.
+    """
     from florence.checkpoint import atomic_write_bytes
 
     path = Path(output_dir) / CONFIG_NAME
+    check_classifier_config(output_dir, config)
     if path.is_file():
-        existing = read_classifier_config(path)
-        for field in ("classes", "model"):
-            if getattr(existing, field) != getattr(config, field):
-                raise ValueError(
-                    f"{path} was written for another {field} ({_short(getattr(existing, field))}) than this run's "
-                    f"({_short(getattr(config, field))}); use another --output-dir or the original data and checkpoint"
-                )
         return path
     payload = {"config_version": CONFIG_VERSION, **asdict(config)}
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())

@@ -19,11 +19,12 @@ after the last full global batch of an epoch are dropped, as in the main trainer
 After each epoch rank 0 evaluates the centre clip of every evaluation video, a checkpoint is
 written in the main trainer's layout (``output_dir/checkpoints/step_*/``), and a record goes to
 ``output_dir/metrics.jsonl``. Running again with the same ``output_dir`` resumes from the newest
-checkpoint, also from one written mid-epoch. ``output_dir/video_classifier.json`` stores the
-architecture, the class names and the clip sampling, which ``florence video eval`` reads (see
-``florence.adapters.video.classifier``). ``output_dir/classes.txt`` contains the class names,
-one per line, in the order of the classifier's outputs, and every ``model.safetensors`` stores
-the Video CoSwin config in its metadata.
+checkpoint, also from one written mid-epoch. ``output_dir/video_classifier.json``, written with
+the first checkpoint, stores the architecture, the class names and the clip sampling, which
+``florence video eval`` reads (see ``florence.adapters.video.classifier``).
+``output_dir/classes.txt`` contains the class names, one per line, in the order of the
+classifier's outputs, and every ``model.safetensors`` stores the Video CoSwin config in its
+metadata.
 """
 
 from __future__ import annotations
@@ -43,10 +44,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader
 
-from florence.adapters.video.classifier import classifier_config, write_classifier_config
+from florence.adapters.video.classifier import (
+    VideoClassifierConfig,
+    check_classifier_config,
+    classifier_config,
+    write_classifier_config,
+)
 from florence.adapters.video.dataset import VideoDataset
+from florence.adapters.video.inflate import inflate_coswin
 from florence.adapters.video.model import VideoCoSwin
 from florence.checkpoint import WEIGHTS_NAME, atomic_write_bytes, save_weights
+from florence.models.coswin import CoSwin
 from florence.precision import resolve_precision
 from florence.training.checkpointing import (
     TrainingState,
@@ -54,7 +62,12 @@ from florence.training.checkpointing import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from florence.training.distributed import DistributedInfo, agree_on_stop, clip_grad_norm, init_distributed
+from florence.training.distributed import (
+    DistributedInfo,
+    agree_on_stop,
+    clip_grad_norm,
+    init_distributed,
+)
 from florence.training.metrics import MetricsWriter
 from florence.training.optim import cosine_lr, param_groups
 from florence.training.sampler import ResumableBatchSampler, SeededSampleDataset
@@ -103,9 +116,52 @@ class VideoFinetuneConfig:
         for name in ("epochs", "batch_size", "accum_steps", "clips_per_video", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("grad_clip", "checkpoint_every", "num_workers", "warmup_epochs"):
+        for name in ("grad_clip", "checkpoint_every", "num_workers", "warmup_epochs", "min_lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr} is invalid; pass a positive learning rate such as 0.001")
+
+
+def build_video_classifier(
+    image_model: CoSwin,
+    num_classes: int,
+    seed: int,
+    temporal_window: int = 2,
+    num_frames: int = 8,
+    image_size: int | None = None,
+) -> VideoCoSwin:
+    """Inflate ``image_model`` into a Video CoSwin with a new ``num_classes``-way head drawn from ``seed``.
+
+    Seeding here, before the head is drawn, makes runs with the same seed start from the same weights.
+    """
+    _check_num_classes(num_classes)
+    torch.manual_seed(seed)
+    model = inflate_coswin(image_model, temporal_window=temporal_window, num_frames=num_frames)
+    if image_size is not None:
+        model.set_input_size(img_size=image_size)
+    model.reset_classifier(num_classes)
+    return model
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(
+            f"the data has {num_classes} class(es); a classifier needs at least 2, so label the videos with 2 or more classes"
+        )
+
+
+def _check_epoch_size(train_dataset: VideoDataset, config: VideoFinetuneConfig, world_size: int) -> None:
+    """Raise if one epoch has fewer clips than one global batch, so no optimizer step would run."""
+    clips = len(train_dataset) * config.clips_per_video
+    global_batch = config.batch_size * config.accum_steps * world_size
+    if clips < global_batch:
+        raise ValueError(
+            f"an epoch has {clips} clips ({len(train_dataset)} videos x {config.clips_per_video} "
+            f"clips per video), fewer than one global batch ({config.batch_size} x {config.accum_steps} "
+            f"accumulation steps x {world_size} processes); lower --batch-size or --accum-steps, "
+            "or raise --clips-per-video"
+        )
 
 
 @torch.inference_mode()
@@ -143,8 +199,10 @@ class _VideoFinetuner:
         eval_dataset: VideoDataset,
         config: VideoFinetuneConfig,
         distributed: DistributedInfo,
+        classifier: VideoClassifierConfig,
     ) -> None:
         self.config = config
+        self.classifier = classifier
         self.distributed = distributed
         self.device = distributed.device
         self.main_process = distributed.is_main_process
@@ -163,13 +221,6 @@ class _VideoFinetuner:
 
         self.train_data = SeededSampleDataset(ConcatDataset([train_dataset] * config.clips_per_video), config.seed)
         self.global_batch = config.batch_size * config.accum_steps * distributed.world_size
-        if len(self.train_data) < self.global_batch:
-            raise ValueError(
-                f"an epoch has {len(self.train_data)} clips ({len(train_dataset)} videos x {config.clips_per_video} "
-                f"clips per video), fewer than one global batch ({config.batch_size} x {config.accum_steps} "
-                f"accumulation steps x {distributed.world_size} processes); lower --batch-size or --accum-steps, "
-                "or raise --clips-per-video"
-            )
         self.steps_per_epoch = len(self.train_data) // self.global_batch
         self.total_steps = self.steps_per_epoch * config.epochs
         self.state = TrainingState(step=0, epoch=0, batch_in_epoch=0)
@@ -291,9 +342,15 @@ class _VideoFinetuner:
             )
 
     def save_checkpoint(self) -> None:
-        """Write a training checkpoint from rank 0, with the class names and model config in its config."""
+        """Write a training checkpoint from rank 0, with the class names and model config in its config.
+
+        The first checkpoint also writes ``video_classifier.json`` and ``classes.txt``, so a run
+        that fails before it leaves no classifier files behind to block a corrected rerun.
+        """
         if not self.main_process:
             return
+        write_classifier_config(self.output_dir, self.classifier)
+        write_classes(self.output_dir, self.eval_dataset.classes)
         self.state.grad_scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
         config = {
             **asdict(self.config),
@@ -338,8 +395,6 @@ class _VideoFinetuner:
         self.resume()
         end_step = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
         metrics = MetricsWriter(self.output_dir, tensorboard=False) if self.main_process else None
-        if self.main_process:
-            write_classes(self.output_dir, self.eval_dataset.classes)
         record: dict[str, Any] = {"step": self.state.step}
         losses: list[float] = []
         sampler, loader = self._batches()
@@ -412,13 +467,16 @@ def finetune_video_classifier(
         )
     if list(eval_dataset.classes) != list(train_dataset.classes):
         raise ValueError("the evaluation dataset's classes differ from the training dataset's; pass classes=train.classes")
-    # Every rank checks a resumed folder against this run, so all ranks fail together on a mismatch.
-    # A new file's content is the same on every rank, and the write is atomic.
-    write_classifier_config(config.output_dir, classifier_config(model, train_dataset))
+    _check_num_classes(len(train_dataset.classes))
     distributed = distributed if distributed is not None else init_distributed()
+    _check_epoch_size(train_dataset, config, distributed.world_size)
+    # Every rank checks a resumed folder against this run, so all ranks fail together on a mismatch.
+    # Rank 0 writes the file with the first checkpoint.
+    classifier = classifier_config(model, train_dataset)
+    check_classifier_config(config.output_dir, classifier)
     if not distributed.is_main_process:
         # Rank 0 reports progress for the job; the other ranks log only warnings and errors.
         logging.getLogger("florence").setLevel(logging.WARNING)
     torch.manual_seed(config.seed)
-    finetuner = _VideoFinetuner(model, train_dataset, eval_dataset, config, distributed)
+    finetuner = _VideoFinetuner(model, train_dataset, eval_dataset, config, distributed, classifier)
     return finetuner.fit(stop_after)

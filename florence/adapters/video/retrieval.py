@@ -100,6 +100,8 @@ def read_caption_candidates(path: str | Path) -> list[tuple[Path, list[str], int
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
     entries = payload if isinstance(payload, list) else [payload]
+    if not entries:
+        raise ValueError(f"{path} lists no videos; add objects with 'video' and 'candidates'")
     return [_candidate_entry(entry, path, number) for number, entry in enumerate(entries)]
 
 
