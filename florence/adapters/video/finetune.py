@@ -69,6 +69,7 @@ from florence.training.distributed import (
     init_distributed,
 )
 from florence.training.metrics import MetricsWriter
+from florence.training.nonfinite import NonfiniteCounter
 from florence.training.optim import cosine_lr, param_groups
 from florence.training.sampler import ResumableBatchSampler, SeededSampleDataset
 from florence.training.trainer import autocast_context
@@ -224,8 +225,7 @@ class _VideoFinetuner:
         self.steps_per_epoch = len(self.train_data) // self.global_batch
         self.total_steps = self.steps_per_epoch * config.epochs
         self.state = TrainingState(step=0, epoch=0, batch_in_epoch=0)
-        self.nonfinite_steps = 0
-        self.nonfinite_in_a_row = 0
+        self.nonfinite = NonfiniteCounter(config.max_nonfinite_steps)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -316,29 +316,15 @@ class _VideoFinetuner:
         Raises:
             FloatingPointError: ``max_nonfinite_steps`` steps in a row were not finite.
         """
-        if not values["nonfinite"]:
-            self.nonfinite_in_a_row = 0
-            return
-        self.nonfinite_steps += 1
-        self.nonfinite_in_a_row += 1
-        limit = self.config.max_nonfinite_steps
-        # An fp16 overflow of the gradient alone is loss scaling at work, worth no warning.
-        overflow = self.scaler.is_enabled() and math.isfinite(values["loss"])
-        _logger.log(
-            logging.INFO if overflow else logging.WARNING,
-            "step %d: loss %s, gradient norm %s; skipped the update (%d in a row, limit %d)",
-            self.state.step,
-            values["loss"],
-            values["grad_norm"],
-            self.nonfinite_in_a_row,
-            limit,
+        self.nonfinite.record(
+            self.state.step, values["loss"], values["grad_norm"], bool(values["nonfinite"]), self.scaler.is_enabled()
         )
-        if self.nonfinite_in_a_row >= limit:
+        if self.nonfinite.limit_reached:
             self.save_checkpoint()
             raise FloatingPointError(
-                f"{limit} steps in a row, up to step {self.state.step}, had a non-finite loss or gradient; "
-                f"the last finite weights are saved in {self.checkpoint_dir}. Lower --lr, use --precision bf16 "
-                "or fp32, or check the data, then run the same command again to continue"
+                f"{self.nonfinite.limit} steps in a row, up to step {self.state.step}, had a non-finite loss or "
+                f"gradient; the last finite weights are saved in {self.checkpoint_dir}. Lower --lr, use "
+                "--precision bf16 or fp32, or check the data, then run the same command again to continue"
             )
 
     def save_checkpoint(self) -> None:
@@ -373,7 +359,7 @@ class _VideoFinetuner:
             record.update(
                 train_loss=sum(losses) / len(losses) if losses else math.nan,
                 eval_top1=accuracy,
-                nonfinite_steps=self.nonfinite_steps,
+                nonfinite_steps=self.nonfinite.total,
             )
             _logger.info("epoch %d: train loss %.4f, eval top-1 %.3f", epoch, record["train_loss"], accuracy)
             target = self.config.stop_at_accuracy
@@ -434,7 +420,7 @@ class _VideoFinetuner:
                 metrics.close()
         if self.main_process:
             save_weights(self.model, self.output_dir / WEIGHTS_NAME)
-        return {**record, "step": self.state.step, "nonfinite_steps": self.nonfinite_steps}
+        return {**record, "step": self.state.step, "nonfinite_steps": self.nonfinite.total}
 
 
 def finetune_video_classifier(
