@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from florence.adapters.video import VideoCoSwin
-from florence.adapters.video.dataset import VideoDataset
 from florence.adapters.video.classifier import load_video_classifier
+from florence.adapters.video.dataset import VideoDataset
 from florence.adapters.video.finetune import (
     VideoFinetuneConfig,
     finetune_video_classifier,
@@ -21,27 +21,14 @@ from florence.adapters.video.retrieval import (
     rank_captions,
     video_text_retrieval,
 )
-from florence.cli.main import main
 from florence.checkpoint import load_weights, read_metadata
+from florence.cli.main import main
 from florence.models import create_model
 from florence.precision import has_fast_bf16
 from florence.serving.embed import EmbeddingStore
-from florence.training.checkpointing import STATE_NAME, latest_checkpoint
 from florence.tokenizer import get_tokenizer
-
-VIDEO_CONFIG = {
-    "img_size": 32,
-    "embed_dim": 16,
-    "depths": (1, 1),
-    "num_heads": (2, 4),
-    "window_size": (2, 4, 4),
-    "stem_kernel_size": 3,
-    "stem_stride": 2,
-    "stem_padding": 1,
-    "drop_path_rate": 0.0,
-}
-# Two short real clips that decode fast: a GIF of 79 frames and an AVI of 164 frames.
-CLIPS = (("ucf101_v_CricketShot_g04_c01.gif", "cricket"), ("ucf101_apply_eye_makeup.avi", "eye makeup"))
+from florence.training.checkpointing import STATE_NAME, latest_checkpoint
+from tests.adapters.video.video_helpers import CLIPS, VIDEO_CONFIG
 
 
 def _two_clip_csv(video_clips: Path, folder: Path) -> Path:

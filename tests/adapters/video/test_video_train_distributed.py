@@ -13,25 +13,17 @@ import torch
 import torch.multiprocessing as mp
 
 from florence.adapters.video import VideoCoSwin
-from florence.adapters.video.dataset import VideoDataset
 from florence.adapters.video.classifier import load_video_classifier
-from florence.adapters.video.finetune import VideoFinetuneConfig, finetune_video_classifier
+from florence.adapters.video.dataset import VideoDataset
+from florence.adapters.video.finetune import (
+    VideoFinetuneConfig,
+    finetune_video_classifier,
+)
 from florence.training.distributed import destroy_distributed, init_distributed
+from tests.adapters.video.video_helpers import CLIPS, VIDEO_CONFIG
 from tests.torchrun import torchrun_main
 
 WORLD_SIZE = 2
-VIDEO_CONFIG = {
-    "img_size": 32,
-    "embed_dim": 16,
-    "depths": (1, 1),
-    "num_heads": (2, 4),
-    "window_size": (2, 4, 4),
-    "stem_kernel_size": 3,
-    "stem_stride": 2,
-    "stem_padding": 1,
-    "drop_path_rate": 0.0,
-}
-CLIPS = (("ucf101_v_CricketShot_g04_c01.gif", "cricket"), ("ucf101_apply_eye_makeup.avi", "eye makeup"))
 # Per case: the per-process options of the 2-process run and the batch size of the 1-process run
 # that has the same global batch.
 CASES = {
