@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -1332,6 +1333,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = _RESUME_HINTS.get(command)
         print("florence: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout left early (``florence search ... | head``). Point stdout at
+        # /dev/null so that flushing it at exit does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 # The resume instruction printed after Ctrl-C, per command.
