@@ -276,7 +276,7 @@ def _parse_runs(raw: Any, datasets: dict[str, DatasetSpec], path: Path) -> list[
 def _check_task_fits_dataset(task: str, dataset: DatasetSpec, where: str) -> None:
     if task == "retrieval" and dataset.format in VIDEO_FORMATS:
         raise SuiteError(
-            f"{where}: dataset {dataset.name!r} has format {dataset.format!r}, which holds videos; "
+            f"{where}: dataset {dataset.name!r} has format {dataset.format!r}, which contains videos; "
             "use task video_retrieval for it, or a dataset of format "
             f"{', '.join(RETRIEVAL_FORMATS)} for task retrieval"
         )
@@ -343,7 +343,12 @@ def check_task_options(task: str, options: dict[str, Any], where: str) -> dict[s
 
 def check_int_list(value: Any, key: str, where: str, minimum: int | None, example: str) -> list[int]:
     """Return ``value`` if it is a non-empty list of integers (each >= ``minimum`` when given)."""
-    bound = "" if minimum is None else (" positive" if minimum == 1 else f" >= {minimum}")
+    if minimum is None:
+        bound = ""
+    elif minimum == 1:
+        bound = " positive"
+    else:
+        bound = f" >= {minimum}"
     if _is_int(value):
         raise SuiteError(f"{where}: invalid {key} {value!r}: {key} takes a list; write {key}: [{value}]")
     if not isinstance(value, list) or not value:

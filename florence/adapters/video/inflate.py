@@ -155,7 +155,7 @@ def load_image_coswin(path: str | Path, coswin_name: str | None = None) -> CoSwi
     metadata = read_metadata(path)
     if metadata.get("model_name") == VideoCoSwin.model_name:
         raise ValueError(
-            f"{path} holds Video CoSwin weights, not an image model; load it with "
+            f"{path} contains Video CoSwin weights, not an image model; load it with "
             "florence.adapters.video.classifier.load_video_classifier or florence video eval"
         )
     if "model_name" in metadata:
