@@ -143,7 +143,7 @@ def test_video_tower_needs_a_florence_model(tmp_path) -> None:
     ("datasets", "runs", "message"),
     [
         ("flickr", [{"task": "video_retrieval", "dataset": "flickr"}], "video_retrieval does not fit dataset 'flickr'"),
-        ("video", [{"task": "retrieval", "dataset": "video"}], "dataset 'video' has format 'video_captions', which holds videos; use task video_retrieval"),
+        ("video", [{"task": "retrieval", "dataset": "video"}], "dataset 'video' has format 'video_captions', which contains videos; use task video_retrieval"),
         ("video", [{"task": "video_retrieval", "dataset": "video", "sampling": "random"}], "invalid sampling 'random'"),
         ("video", [{"task": "video_retrieval", "dataset": "video", "num_frames": 0}], "invalid num_frames 0"),
         ("video", [{"task": "video_retrieval", "dataset": "video", "tower": "clip"}], "invalid tower 'clip'"),
