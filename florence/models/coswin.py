@@ -248,7 +248,61 @@ def _validate_config(
         raise ValueError(f"unknown global_pool {global_pool!r}; valid values: 'avg', '' (no pooling)")
 
 
-class CoSwin(nn.Module):
+class WindowBackboneMixin:
+    """Classifier, pooling and training switches shared by CoSwin and Video CoSwin.
+
+    The host ``nn.Module`` defines ``layers`` (stages with a ``grad_checkpointing`` flag),
+    ``norm``, ``num_features``, ``head``, ``head_drop``, ``global_pool``, ``num_classes`` and
+    ``forward_features``, which returns a channels-last map ``[B, ..., C]``.
+    """
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the relative position bias tables, as in ``state_dict``, to exclude from weight decay."""
+        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def _make_head(
+        self, num_classes: int, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        return nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a freshly initialised one of ``num_classes`` outputs (0: none)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if global_pool is not None:
+            if global_pool not in _GLOBAL_POOL_TYPES:
+                raise ValueError(f"unknown global_pool {global_pool!r}; valid values: 'avg', '' (no pooling)")
+            self.global_pool = global_pool
+
+        reference = self.norm.weight
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes, device=reference.device, dtype=reference.dtype)
+        if isinstance(self.head, nn.Linear) and reference.device.type != "meta":
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the ``forward_features`` map to ``[B, C]`` and apply the classifier unless ``pre_logits``."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=tuple(range(1, x.ndim - 1)))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class CoSwin(WindowBackboneMixin, nn.Module):
     """CoSwin image encoder and optional classifier, with timm's Swin interface.
 
     Accepts any input size. Inside each stage the token map is padded to a multiple of the
@@ -353,13 +407,6 @@ class CoSwin(nn.Module):
         if not self.norm.weight.is_meta:
             self.init_weights()
 
-    def _make_head(
-        self, num_classes: int, device: torch.device | str | None, dtype: torch.dtype | None
-    ) -> nn.Module:
-        if num_classes == 0:
-            return nn.Identity()
-        return nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
-
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise as Swin does: trunc-normal(0.02) Linear weights and bias tables, zero biases.
@@ -377,15 +424,6 @@ class CoSwin(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, WindowAttention):
                 nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
-
-    def no_weight_decay(self) -> set[str]:
-        """Names of the relative position bias tables, as in ``state_dict``, to exclude from weight decay."""
-        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
 
     def set_input_size(
         self,
@@ -413,25 +451,6 @@ class CoSwin(nn.Module):
             _logger.info("resized relative position bias tables from window %s to %s", self.window_size, window_size)
             self.window_size = window_size
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a freshly initialised one of ``num_classes`` outputs (0: none)."""
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        if global_pool is not None:
-            if global_pool not in _GLOBAL_POOL_TYPES:
-                raise ValueError(f"unknown global_pool {global_pool!r}; valid values: 'avg', '' (no pooling)")
-            self.global_pool = global_pool
-
-        reference = self.norm.weight
-        self.num_classes = num_classes
-        self.head = self._make_head(num_classes, device=reference.device, dtype=reference.dtype)
-        if isinstance(self.head, nn.Linear) and reference.device.type != "meta":
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images shaped [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
@@ -442,16 +461,6 @@ class CoSwin(nn.Module):
         x = self._embed(x)
         x = self.layers(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the ``forward_features`` map to ``[B, C]`` and apply the classifier unless ``pre_logits``."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
         self,

@@ -36,12 +36,11 @@ from florence.adapters.video.layers import (
     build_window_layout_3d,
     to_3tuple,
 )
-from florence.models.coswin import _validate_config
+from florence.models.coswin import WindowBackboneMixin, _validate_config
 from florence.models.layers import DropPath, LayerNorm, Mlp, to_2tuple
 
 _logger = logging.getLogger(__name__)
 
-_GLOBAL_POOL_TYPES = ("avg", "")
 _MAX_CACHED_LAYOUTS = 8
 
 
@@ -185,7 +184,7 @@ class VideoCoSwinStage(nn.Module):
         return x
 
 
-class VideoCoSwin(nn.Module):
+class VideoCoSwin(WindowBackboneMixin, nn.Module):
     """Video CoSwin encoder and optional classifier, with CoSwin's backbone interface.
 
     Accepts any clip length and frame size: inside each stage the token map is padded to a
@@ -206,9 +205,6 @@ class VideoCoSwin(nn.Module):
         ``stem_kernel_size``, ``stem_stride``, ``stem_padding`` (spatial), ``num_classes``,
         ``global_pool``, ``device``, ``dtype``.
     """
-
-    # TODO: move the classifier and pooling methods this class repeats from CoSwin
-    # (get_classifier, reset_classifier, forward_head, _make_head) into a shared base class.
 
     # Written with ``model_config`` into the metadata of every saved weights file (see save_weights).
     model_name = "video-coswin"
@@ -341,11 +337,6 @@ class VideoCoSwin(nn.Module):
             "global_pool": self.global_pool,
         }
 
-    def _make_head(self, num_classes: int, device: torch.device | str | None, dtype: torch.dtype | None) -> nn.Module:
-        if num_classes == 0:
-            return nn.Identity()
-        return nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
-
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise as CoSwin does: trunc-normal(0.02) Linear weights and bias tables, zero biases."""
@@ -359,15 +350,6 @@ class VideoCoSwin(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, WindowAttention3d):
                 nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
-
-    def no_weight_decay(self) -> set[str]:
-        """Names of the relative position bias tables, as in ``state_dict``, to exclude from weight decay."""
-        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
 
     def set_input_size(
         self,
@@ -398,25 +380,6 @@ class VideoCoSwin(nn.Module):
             _logger.info("resized relative position bias tables from window %s to %s", self.window_size, window_size)
             self.window_size = window_size
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a freshly initialised one of ``num_classes`` outputs (0: none)."""
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        if global_pool is not None:
-            if global_pool not in _GLOBAL_POOL_TYPES:
-                raise ValueError(f"unknown global_pool {global_pool!r}; valid values: 'avg', '' (no pooling)")
-            self.global_pool = global_pool
-
-        reference = self.norm.weight
-        self.num_classes = num_classes
-        self.head = self._make_head(num_classes, device=reference.device, dtype=reference.dtype)
-        if isinstance(self.head, nn.Linear) and reference.device.type != "meta":
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected clips shaped [B, {self.in_chans}, T, H, W], got {tuple(x.shape)}")
@@ -427,16 +390,6 @@ class VideoCoSwin(nn.Module):
         x = self._embed(x)
         x = self.layers(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the ``forward_features`` map to ``[B, C]`` and apply the classifier unless ``pre_logits``."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
         self,
