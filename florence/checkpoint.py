@@ -29,7 +29,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    # NamedTemporaryFile creates the file with mode 0600; give it the mode a plain open() would.
+    # NamedTemporaryFile creates the file with mode 0600, so give it the mode a plain open() would.
     os.chmod(handle.name, 0o666 & ~_UMASK)
     os.replace(handle.name, path)
 

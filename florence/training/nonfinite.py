@@ -26,7 +26,7 @@ class NonfiniteCounter:
         return self.in_a_row >= self.limit
 
     def record(self, step: int, loss: float, grad_norm: float, skipped: bool, loss_scaling: bool) -> None:
-        """Count and log step ``step`` if it was ``skipped``; otherwise reset the run of skipped steps."""
+        """Count and log step ``step`` if it was ``skipped``, or else reset the run of skipped steps."""
         if not skipped:
             self.in_a_row = 0
             return
